@@ -1,0 +1,73 @@
+"""Checkpoints: everything needed to resume a run exactly, written atomically.
+
+A checkpoint is a directory `checkpoints/round-000010/` holding the policy (HF
+`save_pretrained`, safetensors), the reference model when it differs from the starting
+model (after a reference reset), `state.pt` with the optimizer, replay buffer, RNG states
+and counters. It is written into a temporary sibling directory, flushed, then renamed
+into place, so a crash mid-write never leaves a half-written checkpoint under the final
+name. Older checkpoints are removed only after the new one is complete.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+
+import torch
+
+PREFIX = "round-"
+
+
+def _fsync_dir(path: Path) -> None:
+    for f in path.rglob("*"):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+
+
+def save_checkpoint(run_dir: Path, round_: int, *, model, tokenizer, ref_model, state: dict,
+                    keep: int = 2) -> Path:
+    """Write checkpoint `round_` atomically; keep only the newest `keep` complete ones."""
+    root = run_dir / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"{PREFIX}{round_:06d}"
+    tmp = root / f".tmp-{PREFIX}{round_:06d}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp / "model")
+    tokenizer.save_pretrained(tmp / "model")
+    if ref_model is not None:
+        ref_model.save_pretrained(tmp / "reference")
+    torch.save(state, tmp / "state.pt")
+    _fsync_dir(tmp)
+    if final.exists():  # re-saving the same round (e.g. after an interrupt): replace it
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in list_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (temporary directories are ignored)."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX)
+                  and (p / "state.pt").exists())
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def rng_state(py_rngs: dict[str, random.Random]) -> dict:
+    return {"torch": torch.get_rng_state(), "python": {k: r.getstate() for k, r in py_rngs.items()}}
+
+
+def set_rng_state(state: dict, py_rngs: dict[str, random.Random]) -> None:
+    torch.set_rng_state(state["torch"])
+    for k, r in py_rngs.items():
+        r.setstate(state["python"][k])

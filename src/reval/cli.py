@@ -1,0 +1,163 @@
+"""The `reval` command: train, eval, demo, pretrain.
+
+    reval train [--config FILE.json] [--resume DIR] [--algo reval|tbrm|grpo] [--loss.beta ...]
+    reval eval --model DIR --data FILE.jsonl [--out FILE.json]
+    reval demo [--out DIR]
+    reval pretrain [--out DIR]
+
+Each subcommand's flags come from its dataclass (`reval <cmd> --help`).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import tyro
+
+USAGE = """usage: reval {train,eval,demo,pretrain} [--help]
+
+  train     train with ReVal, TBRM or GRPO (reval train --help)
+  eval      evaluate a model on a JSONL file of question/answer rows
+  demo      ReVal vs GRPO from the shipped model, table + plot, a few minutes on a CPU
+  pretrain  rebuild the shipped warm-start model
+"""
+
+
+@dataclass
+class EvalArgs:
+    data: Path
+    """JSONL file; each line an object with a question and an answer field."""
+    model: str | None = None
+    """Model directory; None uses the shipped warm-start model."""
+    out: Path | None = None
+    """Write accuracy and per-item results to this JSON file."""
+    samples: int = 0
+    """Also report mean accuracy over this many sampled answers per question."""
+    max_new_tokens: int = 64
+    """Generation length limit."""
+    question_field: str = "question"
+    """Name of the question field in each row."""
+    answer_field: str = "answer"
+    """Name of the answer field in each row."""
+
+
+def load_jsonl(path: Path, question_field: str = "question", answer_field: str = "answer"):
+    """Read (questions, answers); a bad row raises ValueError naming the file and line."""
+    if not path.is_file():
+        raise FileNotFoundError(f"data file {path} does not exist")
+    questions, answers = [], []
+    with open(path, "rb") as fh:
+        for n, raw in enumerate(fh, start=1):
+            if not raw.strip():
+                continue
+            try:
+                row = json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise ValueError(f"{path}:{n}: not a valid UTF-8 JSON line ({e})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
+            for f in (question_field, answer_field):
+                if f not in row:
+                    raise ValueError(f"{path}:{n}: missing field {f!r} (fields: {sorted(row)})")
+            q, a = row[question_field], row[answer_field]
+            if not isinstance(q, str) or not q.strip():
+                raise ValueError(f"{path}:{n}: field {question_field!r} must be a non-empty string")
+            if not isinstance(a, (str, int, float)) or isinstance(a, bool):
+                raise ValueError(f"{path}:{n}: field {answer_field!r} must be a string or number")
+            questions.append(q)
+            answers.append(str(a))
+    if not questions:
+        raise ValueError(f"{path}: no rows")
+    return questions, answers
+
+
+def _train(argv: list[str]) -> None:
+    from reval.config import TrainConfig
+    from reval.train import train
+
+    base, resume = TrainConfig(), False
+    argv = list(argv)
+    if "--resume" in argv:
+        i = argv.index("--resume")
+        run_dir = Path(argv[i + 1])
+        del argv[i:i + 2]
+        if not (run_dir / "config.json").is_file():
+            raise SystemExit(f"error: --resume {run_dir}: no config.json there; is it a run directory?")
+        base = TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
+        base.out, resume = run_dir, True
+    if "--config" in argv:
+        i = argv.index("--config")
+        path = Path(argv[i + 1])
+        del argv[i:i + 2]
+        if not path.is_file():
+            raise SystemExit(f"error: --config {path}: file not found")
+        base = TrainConfig.from_dict(_read_config(path))
+    cfg = tyro.cli(TrainConfig, default=base, args=argv, prog="reval train",
+                   description="Train with ReVal, TBRM or GRPO. Also: --config FILE, --resume DIR.")
+    result = train(cfg, resume=resume)
+    print(json.dumps({k: v for k, v in result.items() if not isinstance(v, list)}, indent=2))
+
+
+def _read_config(path: Path) -> dict:
+    text = path.read_text()
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        return yaml.safe_load(text)
+    return json.loads(text)
+
+
+def _eval(argv: list[str]) -> None:
+    from reval.evaluate import evaluate
+    from reval.model import default_model_path, load_model
+
+    args = tyro.cli(EvalArgs, args=argv, prog="reval eval")
+    questions, answers = load_jsonl(args.data, args.question_field, args.answer_field)
+    model, tokenizer = load_model(args.model or default_model_path())
+    res = evaluate(model, tokenizer, questions, answers, samples=args.samples,
+                   max_new_tokens=args.max_new_tokens, keep_items=True)
+    print(json.dumps({k: v for k, v in res.items() if k != "items"} | {"n": len(questions)}, indent=2))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(res, indent=2) + "\n")
+
+
+def _demo(argv: list[str]) -> None:
+    from reval.demo import DemoConfig, run_demo
+
+    run_demo(tyro.cli(DemoConfig, args=argv, prog="reval demo"))
+
+
+def _pretrain(argv: list[str]) -> None:
+    from reval.pretrain import PretrainConfig, pretrain
+
+    pretrain(tyro.cli(PretrainConfig, args=argv, prog="reval pretrain"))
+
+
+COMMANDS = {"train": _train, "eval": _eval, "demo": _demo, "pretrain": _pretrain}
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        raise SystemExit(0 if argv else 2)
+    if argv[0] not in COMMANDS:
+        raise SystemExit(f"error: unknown command {argv[0]!r}\n{USAGE}")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own bars only; HF's per-save bars are noise here
+    hf_logging.set_verbosity_error()
+    try:
+        COMMANDS[argv[0]](argv[1:])
+    except (ValueError, FileNotFoundError) as e:  # bad input: a message, not a traceback
+        raise SystemExit(f"error: {e}") from None
+    except KeyboardInterrupt as e:
+        raise SystemExit(f"\n{e}" if str(e) else "\ninterrupted") from None
+
+
+if __name__ == "__main__":
+    main()

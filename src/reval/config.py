@@ -1,0 +1,204 @@
+"""Configuration: one small dataclass per pipeline stage, composed into `TrainConfig`.
+
+Every field's docstring is its `--help` text (tyro). The batch size is defined once:
+`rollout.prompts_per_round x rollout.samples_per_prompt` answers per round, and every
+update uses that many trajectories; `optim.micro_batch_size` only bounds memory and
+never changes the maths. `TrainConfig.validate()` rejects impossible values before any
+model is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from reval.losses import ALGORITHMS
+from reval.rewards import REWARD_VARIANTS
+
+
+@dataclass
+class ModelConfig:
+    path: str | None = None
+    """Model directory or hub id; None uses the shipped warm-start model."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """Weights dtype. Log-probs and the loss are always computed in float32."""
+    logprob_chunk: int | None = None
+    """Positions per chunk of the vocabulary projection (memory knob for big vocabularies)."""
+
+
+@dataclass
+class TaskConfig:
+    digits: int = 3
+    """Difficulty: numbers have 2 to `digits` digits."""
+    num_train: int = 20_000
+    """Training prompts to draw rounds from."""
+    num_validation: int = 200
+    """Validation problems (for tuning)."""
+    num_test: int = 200
+    """Test problems (reported accuracy)."""
+    eval_split: Literal["validation", "test"] = "test"
+    """Split that the periodic evaluation reports; tune on validation."""
+
+
+@dataclass
+class RolloutConfig:
+    prompts_per_round: int = 16
+    """P: prompts sampled per generation round."""
+    samples_per_prompt: int = 8
+    """G: answers per prompt (a group)."""
+    temperature: float = 1.0
+    """Sampling temperature (the loss always uses temperature 1)."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold."""
+    max_new_tokens: int = 48
+    """Answers that reach this without EOS are marked truncated."""
+
+
+@dataclass
+class BufferConfig:
+    capacity: int = 640
+    """M: trajectories kept (FIFO). Default: the last 5 rounds."""
+    updates_per_round: int = 2
+    """K: optimizer updates per generation round. On-policy GRPO reuses the fresh batch."""
+    first_update_fresh: bool = True
+    """The first update of a round uses the fresh batch; the rest sample the buffer."""
+
+
+@dataclass
+class LossConfig:
+    beta: float = 0.05
+    """KL strength; ReVal / TBRM regress on reward / beta. Shrink it for longer answers."""
+    reward_variant: Literal["binary", "group_mean", "plus_minus_one"] = "group_mean"
+    """Reward ReVal / TBRM see: r, r - group mean, or +-1. GRPO always normalises by group."""
+    clip_low: float = 0.2
+    """GRPO: lower clip range (ratio >= 1 - clip_low)."""
+    clip_high: float = 0.28
+    """GRPO: upper clip range (ratio <= 1 + clip_high), DAPO's clip-higher."""
+    ref_reset_every: int = 0
+    """Copy the policy into the reference every N updates (0: never)."""
+    drop_truncated: bool = False
+    """Drop answers cut at max_new_tokens instead of training on them with reward 0."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-4
+    """AdamW learning rate (constant)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm."""
+    micro_batch_size: int = 64
+    """Trajectories per forward/backward; gradient accumulation covers the rest."""
+
+
+@dataclass
+class EvalConfig:
+    every: int = 5
+    """Evaluate every N rounds (and after the last); 0 only evaluates at start and end."""
+    samples: int = 4
+    """k for mean@k sampled accuracy (0: greedy only)."""
+
+
+@dataclass
+class TrainConfig:
+    algo: Literal["reval", "tbrm", "grpo"] = "reval"
+    """Algorithm, from `reval.losses.ALGORITHMS`."""
+    rounds: int = 40
+    """Generation rounds; answers generated = rounds x P x G."""
+    seed: int = 0
+    """Seeds everything: prompt order, sampling, buffer sampling."""
+    out: Path | None = None
+    """Run directory (config, metrics, checkpoints); default runs/<task>-<algo>-s<seed>."""
+    checkpoint_every: int = 10
+    """Write a checkpoint every N rounds (and at the end); 0: only at the end."""
+    keep_checkpoints: int = 2
+    """Checkpoints kept; older ones are deleted only after a new one is complete."""
+    progress: bool = True
+    """Show a progress bar."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    buffer: BufferConfig = field(default_factory=BufferConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    @property
+    def batch_size(self) -> int:
+        return self.rollout.prompts_per_round * self.rollout.samples_per_prompt
+
+    @property
+    def run_dir(self) -> Path:
+        return self.out or Path("runs") / f"add{self.task.digits}-{self.algo}-s{self.seed}"
+
+    def validate(self) -> "TrainConfig":
+        """Raise ValueError naming the field and the allowed range for impossible values."""
+        checks = [
+            ("algo", self.algo in ALGORITHMS, f"one of {sorted(ALGORITHMS)}"),
+            ("loss.reward_variant", self.loss.reward_variant in REWARD_VARIANTS, f"one of {REWARD_VARIANTS}"),
+            ("loss.beta", self.loss.beta > 0, "> 0"),
+            ("loss.clip_low", 0 <= self.loss.clip_low < 1, "in [0, 1)"),
+            ("loss.clip_high", self.loss.clip_high >= 0, ">= 0"),
+            ("loss.ref_reset_every", self.loss.ref_reset_every >= 0, ">= 0 (0 = never)"),
+            ("buffer.updates_per_round", self.buffer.updates_per_round >= 1, ">= 1"),
+            ("buffer.capacity", self.buffer.capacity >= self.batch_size,
+             f">= one round of answers (prompts_per_round x samples_per_prompt = {self.batch_size})"),
+            ("rollout.prompts_per_round", self.rollout.prompts_per_round >= 1, ">= 1"),
+            ("rollout.samples_per_prompt", self.rollout.samples_per_prompt >= 1, ">= 1"),
+            ("rollout.temperature", self.rollout.temperature > 0, "> 0"),
+            ("rollout.top_p", 0 < self.rollout.top_p <= 1, "in (0, 1]"),
+            ("rollout.max_new_tokens", self.rollout.max_new_tokens >= 1, ">= 1"),
+            ("optim.lr", self.optim.lr > 0, "> 0"),
+            ("optim.max_grad_norm", self.optim.max_grad_norm > 0, "> 0"),
+            ("optim.micro_batch_size", 1 <= self.optim.micro_batch_size <= self.batch_size,
+             f"in [1, prompts_per_round x samples_per_prompt = {self.batch_size}]"),
+            ("rounds", self.rounds >= 1, ">= 1"),
+            ("task.digits", 2 <= self.task.digits <= 12, "in [2, 12]"),
+            ("task.num_train", self.task.num_train >= self.rollout.prompts_per_round,
+             ">= rollout.prompts_per_round"),
+            ("eval.every", self.eval.every >= 0, ">= 0"),
+            ("eval.samples", self.eval.samples >= 0, ">= 0"),
+            ("checkpoint_every", self.checkpoint_every >= 0, ">= 0"),
+            ("keep_checkpoints", self.keep_checkpoints >= 1, ">= 1"),
+        ]
+        bad = [f"{name} = {_get(self, name)!r} is invalid: must be {allowed}"
+               for name, ok, allowed in checks if not ok]
+        if bad:
+            raise ValueError("invalid configuration:\n  " + "\n  ".join(bad))
+        return self
+
+    def to_dict(self) -> dict:
+        return json.loads(json.dumps(dataclasses.asdict(self), default=str))
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        """Inverse of `to_dict`; unknown keys are an error naming them."""
+        return _from_dict(cls, d, prefix="")
+
+
+def _get(obj, dotted: str):
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _from_dict(cls, d: dict, prefix: str):
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - set(fields))
+    if unknown:
+        raise ValueError(f"unknown config key(s) {', '.join(prefix + k for k in unknown)}; "
+                         f"known: {', '.join(prefix + k for k in fields)}")
+    kwargs = {}
+    for name, value in d.items():
+        default = getattr(cls(), name)
+        if dataclasses.is_dataclass(default):
+            kwargs[name] = _from_dict(type(default), value, prefix + name + ".")
+        elif name == "out" and value is not None:
+            kwargs[name] = Path(value)
+        else:
+            kwargs[name] = value
+    return cls(**kwargs)

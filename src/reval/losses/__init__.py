@@ -1,0 +1,54 @@
+"""Losses: one pure tensor function per algorithm, picked from `ALGORITHMS`.
+
+Each entry says what the training loop must compute for the loss (a reference forward,
+old log-probs) and how to call it. Adding an algorithm is one file here, one entry in
+the dict, one docs page and one test file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from reval.losses.grpo import grpo_advantage, grpo_loss
+from reval.losses.reval import reval_loss
+from reval.losses.tbrm import tbrm_loss
+from reval.rewards import shape_reward
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    needs_reference: bool  # compute ref log-probs / V_ref at every update
+    on_policy: bool  # updates use the fresh batch only, never the replay buffer
+    per_token: bool  # loss is a token-mean (else a trajectory-mean)
+    # compute(t, cfg, denom) -> (loss, metrics); t holds the tensors named below
+    compute: Callable[[dict, object, int], tuple[torch.Tensor, dict]]
+
+
+def _reval(t: dict, cfg, denom: int):
+    r = shape_reward(t["reward"], t["group_mean"], cfg.reward_variant)
+    return reval_loss(t["logp"], t["ref_logp"], t["v"], t["ref_v"], t["mask"], r,
+                      beta=cfg.beta, num_trajectories=denom)
+
+
+def _tbrm(t: dict, cfg, denom: int):
+    r = shape_reward(t["reward"], t["group_mean"], cfg.reward_variant)
+    return tbrm_loss(t["logp"], t["ref_logp"], t["v"], t["mask"], r, beta=cfg.beta,
+                     num_trajectories=denom)
+
+
+def _grpo(t: dict, cfg, denom: int):
+    adv = grpo_advantage(t["reward"], t["group_mean"], t["group_std"])
+    return grpo_loss(t["logp"], t["old_logp"], t["mask"], adv, clip_low=cfg.clip_low,
+                     clip_high=cfg.clip_high, num_tokens=denom)
+
+
+ALGORITHMS: dict[str, Algorithm] = {
+    "reval": Algorithm(needs_reference=True, on_policy=False, per_token=False, compute=_reval),
+    "tbrm": Algorithm(needs_reference=True, on_policy=False, per_token=False, compute=_tbrm),
+    "grpo": Algorithm(needs_reference=False, on_policy=True, per_token=True, compute=_grpo),
+}
+
+__all__ = ["ALGORITHMS", "Algorithm", "grpo_advantage", "grpo_loss", "reval_loss", "tbrm_loss"]

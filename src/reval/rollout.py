@@ -1,0 +1,110 @@
+"""Rollout: sample answers with the KV cache and turn each into a frozen `Experience`.
+
+Generation uses Hugging Face `generate` (left padding, KV cache, temperature / top-p,
+stop at EOS). One call samples `samples_per_prompt` answers for each prompt; the G
+answers of one prompt share a `group_id`. Rewards are attached by the caller
+(`reval.rewards.score`), and group statistics right after, while the whole group is
+still together (the replay buffer later samples trajectories one by one).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Experience:
+    """One sampled answer, as stored in the replay buffer.
+
+    Only what the sampler produced is stored. Log-probabilities are never stored as
+    truths: the loss recomputes them under the current policy and reference.
+    """
+
+    prompt_ids: tuple[int, ...]
+    response_ids: tuple[int, ...]  # includes the EOS token when one was produced
+    reward: float  # the verifier's reward, before any reward variant
+    group_id: int  # answers to the same prompt in the same round share it
+    group_mean: float  # mean reward of the group (for `group_mean` rewards and GRPO)
+    group_std: float  # std of the group's rewards (GRPO's advantage normalisation)
+    version: int  # optimizer updates done when this answer was sampled
+    round: int  # generation round that produced it
+    truncated: bool  # hit max_new_tokens without EOS
+
+
+@dataclass
+class Samples:
+    """Raw generation output for a batch of prompts, in prompt-major order."""
+
+    prompt_ids: list[list[int]]  # (N,) one per answer, prompts repeated G times
+    response_ids: list[list[int]]  # (N,) cut after the first EOS
+    truncated: list[bool]  # (N,)
+    logprobs: list[list[float]] | None = None  # (N, H) sampler log-probs, only if asked
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[str], *, samples_per_prompt: int = 1,
+             temperature: float = 1.0, top_p: float = 1.0, max_new_tokens: int = 64,
+             greedy: bool = False, return_logprobs: bool = False) -> Samples:
+    """Sample `samples_per_prompt` answers per prompt; answers of a prompt are adjacent."""
+    was_training = model.training
+    model.eval()
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left",
+                    add_special_tokens=False).to(model.device)
+    out = model.generate(
+        **enc,
+        do_sample=not greedy,
+        temperature=temperature if not greedy else None,
+        top_p=top_p if not greedy else None,
+        top_k=None,  # HF otherwise applies a default top_k=50 when sampling
+        max_new_tokens=max_new_tokens,
+        num_return_sequences=samples_per_prompt,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        return_dict_in_generate=True,
+        output_logits=return_logprobs,
+    )
+    model.train(was_training)
+    seqs = out.sequences[:, enc["input_ids"].shape[1]:].tolist()  # (N, <=max_new_tokens)
+    step_logprobs = None
+    if return_logprobs:  # raw logits of the sampler, before temperature / top-p
+        logits = torch.stack(out.logits, dim=1).float()  # (N, T, V)
+        chosen = out.sequences[:, enc["input_ids"].shape[1]:]
+        step_logprobs = torch.log_softmax(logits, -1).gather(-1, chosen[..., None])[..., 0].tolist()
+
+    plain_prompts = [
+        [t for t, m in zip(ids, mask) if m] for ids, mask in
+        zip(enc["input_ids"].tolist(), enc["attention_mask"].tolist())
+    ]
+    samples = Samples([], [], [], [] if return_logprobs else None)
+    for i, seq in enumerate(seqs):
+        eos_at = next((j for j, t in enumerate(seq) if t == tokenizer.eos_token_id), None)
+        cut = len(seq) if eos_at is None else eos_at + 1
+        samples.prompt_ids.append(plain_prompts[i // samples_per_prompt])
+        samples.response_ids.append(seq[:cut])
+        samples.truncated.append(eos_at is None)
+        if step_logprobs is not None:
+            samples.logprobs.append(step_logprobs[i][:cut])
+    return samples
+
+
+def to_experiences(samples: Samples, rewards: list[float | None], *, samples_per_prompt: int,
+                   version: int, round: int, first_group_id: int = 0) -> list[Experience]:
+    """Attach rewards and group statistics; answers whose reward is None are dropped."""
+    out = []
+    for g in range(len(samples.response_ids) // samples_per_prompt):
+        idx = range(g * samples_per_prompt, (g + 1) * samples_per_prompt)
+        valid = [i for i in idx if rewards[i] is not None]
+        if not valid:
+            continue
+        r = torch.tensor([float(rewards[i]) for i in valid])
+        mean = r.mean().item()
+        std = r.std(unbiased=False).item() if len(valid) > 1 else 0.0
+        for i in valid:
+            out.append(Experience(
+                prompt_ids=tuple(samples.prompt_ids[i]), response_ids=tuple(samples.response_ids[i]),
+                reward=float(rewards[i]), group_id=first_group_id + g, group_mean=mean,
+                group_std=std, version=version, round=round, truncated=samples.truncated[i],
+            ))
+    return out

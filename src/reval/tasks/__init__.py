@@ -1,0 +1,1 @@
+"""Tasks: where prompts, reference answers and verifiers come from (stage 1 of the pipeline)."""

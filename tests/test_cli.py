@@ -1,0 +1,90 @@
+"""Subprocess runs of the `reval` command, as a user would type them."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+SMALL = ["--rollout.prompts-per-round", "4", "--rollout.samples-per-prompt", "4", "--buffer.capacity", "32",
+         "--optim.micro-batch-size", "8", "--task.num-test", "8", "--eval.samples", "2", "--eval.every", "2",
+         "--checkpoint-every", "2", "--no-progress"]
+
+
+def reval(*args, check=True):
+    proc = subprocess.run([sys.executable, "-m", "reval.cli", *map(str, args)], capture_output=True,
+                          text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"reval {' '.join(map(str, args))} failed:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.mark.parametrize("algo", ["reval", "tbrm", "grpo"])
+def test_train_runs_and_writes_run_dir(tiny_dir, tmp_path, algo):
+    out = tmp_path / algo
+    reval("train", "--algo", algo, "--rounds", "3", "--model.path", tiny_dir, "--out", out, *SMALL)
+    config = json.loads((out / "config.json").read_text())
+    assert config["algo"] == algo and config["rounds"] == 3
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    rounds = [r for r in lines if "rollout/reward_mean" in r]
+    evals = [r for r in lines if "eval/accuracy" in r]
+    assert [r["samples"] for r in rounds] == [16, 32, 48]
+    assert [r["round"] for r in evals] == [0, 2, 3]
+    assert all(k in rounds[-1] for k in ("loss/total", "buffer/staleness_mean", "perf/generate_seconds"))
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["round-000002", "round-000003"]
+
+
+def test_resume_continues_and_matches_uninterrupted(tiny_dir, tmp_path):
+    common = ["--model.path", tiny_dir, *SMALL, "--loss.ref-reset-every", "3"]
+    reval("train", "--rounds", "4", "--out", tmp_path / "a", *common)
+    reval("train", "--rounds", "2", "--out", tmp_path / "b", *common)
+    reval("train", "--resume", tmp_path / "b", "--rounds", "4")
+
+    def metrics(d):
+        rows = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in r.items() if not k.startswith("perf/") and k != "seconds"} for r in rows]
+
+    a, b = metrics(tmp_path / "a"), metrics(tmp_path / "b")
+    assert len(a) == 7 and a == b
+
+
+def test_bad_config_is_a_clear_error(tmp_path):
+    proc = reval("train", "--loss.beta", "-1", "--out", tmp_path / "x", check=False)
+    assert proc.returncode != 0
+    assert "loss.beta = -1.0 is invalid: must be > 0" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    proc = reval("train", "--model.path", tmp_path / "missing", "--out", tmp_path / "y", check=False)
+    assert proc.returncode != 0 and "does not exist" in proc.stderr and "Traceback" not in proc.stderr
+    proc = reval("train", "--resume", tmp_path / "nothing", check=False)
+    assert proc.returncode != 0 and "no config.json" in proc.stderr
+
+
+def test_eval_command(tiny_dir, tmp_path):
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"question": "What is 2+2?", "answer": "4"}\n{"question": "1+1?", "answer": 2}\n')
+    out = tmp_path / "res.json"
+    reval("eval", "--model", tiny_dir, "--data", data, "--out", out)
+    res = json.loads(out.read_text())
+    assert 0.0 <= res["accuracy"] <= 1.0 and len(res["items"]) == 2
+    assert res["items"][1]["answer"] == "2" and "completion" in res["items"][0]
+
+
+def test_eval_bad_row_names_file_and_line(tiny_dir, tmp_path):
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"question": "ok", "answer": "1"}\n{"answer": "2"}\n')
+    proc = reval("eval", "--model", tiny_dir, "--data", data, check=False)
+    assert proc.returncode != 0
+    assert f"{data}:2: missing field 'question'" in proc.stderr
+
+
+def test_shipped_model_eval_on_test_split(tmp_path):
+    """The shipped warm start scores inside the 10-50% greedy band the task was built for."""
+    from reval.tasks.arithmetic import split
+
+    data = tmp_path / "test.jsonl"
+    data.write_text("".join(json.dumps({"question": p.question, "answer": p.answer}) + "\n"
+                            for p in split("test", 200)))
+    out = tmp_path / "res.json"
+    reval("eval", "--data", data, "--out", out)
+    acc = json.loads(out.read_text())["accuracy"]
+    assert 0.10 <= acc <= 0.50, acc
