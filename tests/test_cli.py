@@ -88,3 +88,28 @@ def test_shipped_model_eval_on_test_split(tmp_path):
     reval("eval", "--data", data, "--out", out)
     acc = json.loads(out.read_text())["accuracy"]
     assert 0.10 <= acc <= 0.50, acc
+
+
+def test_config_file_then_command_line_overrides(tiny_dir, tmp_path):
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(f"algo: grpo\nrounds: 1\nmodel:\n  path: {tiny_dir}\nloss:\n  clip_high: 0.3\n")
+    out = tmp_path / "run"
+    reval("train", "--config", cfg, "--loss.clip-high", "0.25", "--out", out, *SMALL)
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["algo"] == "grpo" and saved["rounds"] == 1 and saved["loss"]["clip_high"] == 0.25
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"loss": {"betta": 1}}')
+    proc = reval("train", "--config", bad, check=False)
+    assert proc.returncode != 0 and "unknown config key(s) loss.betta" in proc.stderr
+
+
+def test_demo_writes_summary_and_plot(tiny_dir, tmp_path):
+    out = tmp_path / "demo"
+    proc = reval("demo", "--rounds", "1", "--model-path", tiny_dir, "--out", out, "--no-progress")
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary) == {"reval", "grpo"}
+    for s in summary.values():
+        assert {"initial_accuracy", "final_accuracy", "samples_generated", "seconds"} <= set(s)
+        assert s["samples_generated"] == 128  # one round of 16 prompts x 8 answers, for both
+    assert (out / "demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "final acc" in proc.stdout

@@ -11,7 +11,7 @@ from reval.train import train
 
 @pytest.mark.slow
 def test_reval_raises_test_accuracy(tmp_path):
-    cfg = TrainConfig(algo="reval", rounds=12, out=tmp_path / "run", progress=False, checkpoint_every=0)
+    cfg = TrainConfig(algo="reval", rounds=6, out=tmp_path / "run", progress=False, checkpoint_every=0)
     cfg.eval.every = 0  # evaluate at the start and the end only
     cfg.eval.samples = 0
     train(cfg)

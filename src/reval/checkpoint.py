@@ -35,12 +35,17 @@ def save_checkpoint(run_dir: Path, round_: int, *, model, tokenizer, ref_model, 
     final = root / f"{PREFIX}{round_:06d}"
     tmp = root / f".tmp-{PREFIX}{round_:06d}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp / "model")
-    tokenizer.save_pretrained(tmp / "model")
-    if ref_model is not None:
-        ref_model.save_pretrained(tmp / "reference")
-    torch.save(state, tmp / "state.pt")
-    _fsync_dir(tmp)
+    try:
+        model.save_pretrained(tmp / "model")
+        tokenizer.save_pretrained(tmp / "model")
+        if ref_model is not None:
+            ref_model.save_pretrained(tmp / "reference")
+        torch.save(state, tmp / "state.pt")
+        _fsync_dir(tmp)
+    except (OSError, RuntimeError) as e:  # disk full, permissions: keep the old checkpoints
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OSError(f"could not write checkpoint {final} ({e}); the previous checkpoints in "
+                      f"{root} are intact. Free space or choose another --out, then --resume.") from e
     if final.exists():  # re-saving the same round (e.g. after an interrupt): replace it
         shutil.rmtree(final)
     os.replace(tmp, final)

@@ -55,14 +55,17 @@ class RolloutConfig:
     """Nucleus sampling threshold."""
     max_new_tokens: int = 48
     """Answers that reach this without EOS are marked truncated."""
+    reward_timeout: float = 30.0
+    """Seconds a reward function may take per call before its answers are skipped."""
 
 
 @dataclass
 class BufferConfig:
     capacity: int = 640
     """M: trajectories kept (FIFO). Default: the last 5 rounds."""
-    updates_per_round: int = 2
-    """K: optimizer updates per generation round. On-policy GRPO reuses the fresh batch."""
+    updates_per_round: int | None = None
+    """K: optimizer updates per round; None: 2 for ReVal/TBRM (paper), 1 for GRPO (on-policy).
+    GRPO with K > 1 reuses the fresh batch PPO-style instead of sampling the buffer."""
     first_update_fresh: bool = True
     """The first update of a round uses the fresh batch; the rest sample the buffer."""
 
@@ -71,8 +74,9 @@ class BufferConfig:
 class LossConfig:
     beta: float = 0.05
     """KL strength; ReVal / TBRM regress on reward / beta. Shrink it for longer answers."""
-    reward_variant: Literal["binary", "group_mean", "plus_minus_one"] = "group_mean"
-    """Reward ReVal / TBRM see: r, r - group mean, or +-1. GRPO always normalises by group."""
+    reward_variant: Literal["binary", "group_mean", "plus_minus_one"] = "binary"
+    """Reward ReVal / TBRM see: r, r - group mean, or +-1. GRPO always normalises by group.
+    binary won on the embedded task's validation split; the paper prefers group_mean."""
     clip_low: float = 0.2
     """GRPO: lower clip range (ratio >= 1 - clip_low)."""
     clip_high: float = 0.28
@@ -85,14 +89,16 @@ class LossConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 5e-4
-    """AdamW learning rate (constant)."""
+    lr: float = 3e-4
+    """AdamW learning rate (constant). Tuned on the embedded task's validation split (README)."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
     max_grad_norm: float = 1.0
     """Gradient clipping norm."""
     micro_batch_size: int = 64
     """Trajectories per forward/backward; gradient accumulation covers the rest."""
+    max_bad_updates: int = 5
+    """Stop after this many updates in a row skipped for a non-finite loss or gradient."""
 
 
 @dataclass
@@ -132,6 +138,12 @@ class TrainConfig:
         return self.rollout.prompts_per_round * self.rollout.samples_per_prompt
 
     @property
+    def updates_per_round(self) -> int:
+        """K, resolved: the configured value or the algorithm's default."""
+        k = self.buffer.updates_per_round
+        return k if k is not None else ALGORITHMS[self.algo].default_updates_per_round
+
+    @property
     def run_dir(self) -> Path:
         return self.out or Path("runs") / f"add{self.task.digits}-{self.algo}-s{self.seed}"
 
@@ -144,7 +156,8 @@ class TrainConfig:
             ("loss.clip_low", 0 <= self.loss.clip_low < 1, "in [0, 1)"),
             ("loss.clip_high", self.loss.clip_high >= 0, ">= 0"),
             ("loss.ref_reset_every", self.loss.ref_reset_every >= 0, ">= 0 (0 = never)"),
-            ("buffer.updates_per_round", self.buffer.updates_per_round >= 1, ">= 1"),
+            ("buffer.updates_per_round", self.buffer.updates_per_round is None or self.buffer.updates_per_round >= 1,
+             ">= 1 (or unset for the algorithm's default)"),
             ("buffer.capacity", self.buffer.capacity >= self.batch_size,
              f">= one round of answers (prompts_per_round x samples_per_prompt = {self.batch_size})"),
             ("rollout.prompts_per_round", self.rollout.prompts_per_round >= 1, ">= 1"),
@@ -163,6 +176,8 @@ class TrainConfig:
             ("eval.every", self.eval.every >= 0, ">= 0"),
             ("eval.samples", self.eval.samples >= 0, ">= 0"),
             ("checkpoint_every", self.checkpoint_every >= 0, ">= 0"),
+            ("rollout.reward_timeout", self.rollout.reward_timeout > 0, "> 0"),
+            ("optim.max_bad_updates", self.optim.max_bad_updates >= 1, ">= 1"),
             ("keep_checkpoints", self.keep_checkpoints >= 1, ">= 1"),
         ]
         bad = [f"{name} = {_get(self, name)!r} is invalid: must be {allowed}"
@@ -170,6 +185,20 @@ class TrainConfig:
         if bad:
             raise ValueError("invalid configuration:\n  " + "\n  ".join(bad))
         return self
+
+    def check_resumable_from(self, saved: "TrainConfig") -> None:
+        """Raise ValueError if this config cannot continue a run saved with `saved`.
+
+        Only the length of the run, evaluation, checkpointing and display may change on
+        resume; anything else would silently mix two different experiments.
+        """
+        mutable = ("rounds", "out", "progress", "checkpoint_every", "keep_checkpoints", "eval")
+        a, b = self.to_dict(), saved.to_dict()
+        changed = [k for k in a if k not in mutable and a[k] != b[k]]
+        if changed:
+            details = "; ".join(f"{k}: run has {b[k]!r}, now {a[k]!r}" for k in changed)
+            raise ValueError(f"cannot resume: the configuration differs from the run's ({details}). "
+                             "Start a new run directory, or resume without changing these.")
 
     def to_dict(self) -> dict:
         return json.loads(json.dumps(dataclasses.asdict(self), default=str))

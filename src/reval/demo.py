@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from reval.config import TrainConfig
@@ -21,10 +21,14 @@ from reval.metrics import read_metrics
 from reval.train import train
 
 # Settings that differ per algorithm; everything else is TrainConfig's default.
+# Picked per method on the validation split by mean greedy accuracy over rounds 1-15
+# (README, "Choices"); both came out at lr 3e-4.
 ALGO_SETTINGS: dict[str, dict] = {
-    "reval": {"buffer.updates_per_round": 2, "optim.lr": 5e-4, "loss.beta": 0.05},
-    "tbrm": {"buffer.updates_per_round": 2, "optim.lr": 5e-4, "loss.beta": 0.05},
-    "grpo": {"buffer.updates_per_round": 1, "optim.lr": 5e-4},
+    "reval": {"buffer.updates_per_round": 2, "optim.lr": 3e-4, "loss.beta": 0.05,
+              "loss.reward_variant": "binary"},
+    "tbrm": {"buffer.updates_per_round": 2, "optim.lr": 3e-4, "loss.beta": 0.05,
+             "loss.reward_variant": "binary"},
+    "grpo": {"buffer.updates_per_round": 1, "optim.lr": 3e-4},
 }
 
 
@@ -32,37 +36,39 @@ ALGO_SETTINGS: dict[str, dict] = {
 class DemoConfig:
     out: Path = Path("runs/demo")
     """Directory for the runs, summary.json and demo.png."""
-    rounds: int = 30
+    rounds: int = 15
     """Generation rounds per algorithm (each round: 16 prompts x 8 answers)."""
     algos: tuple[str, ...] = ("reval", "grpo")
     """Algorithms to compare."""
     seed: int = 0
     """Seed shared by all algorithms."""
-    eval_every: int = 5
-    """Evaluate on the test split every N rounds."""
+    eval_every: int = 1
+    """Evaluate on the test split (200 problems, greedy) every N rounds."""
+    threshold: float = 0.9
+    """The table reports the answers generated until test accuracy first reaches this."""
     progress: bool = True
     """Show progress bars."""
-    overrides: dict[str, str] = field(default_factory=dict)
-    """Extra settings for every algorithm, e.g. {"model.path": "my-model"}."""
+    model_path: str | None = None
+    """Start from this model instead of the shipped warm start."""
 
 
 def set_field(cfg: TrainConfig, dotted: str, value) -> None:
-    obj, *rest = dotted.split(".")
+    """Set a nested config field by its dotted name ("loss.beta")."""
+    *parents, name = dotted.split(".")
     target = cfg
-    parts = dotted.split(".")
-    for part in parts[:-1]:
+    for part in parents:
         target = getattr(target, part)
-    if not hasattr(target, parts[-1]):
+    if not hasattr(target, name):
         raise ValueError(f"unknown config field {dotted!r}")
-    setattr(target, parts[-1], type(getattr(target, parts[-1]))(value)
-            if getattr(target, parts[-1]) is not None else value)
+    setattr(target, name, value)
 
 
 def demo_config(algo: str, cfg: DemoConfig) -> TrainConfig:
     tc = TrainConfig(algo=algo, rounds=cfg.rounds, seed=cfg.seed, out=cfg.out / algo,
                      progress=cfg.progress, checkpoint_every=0)
     tc.eval.every = cfg.eval_every
-    for k, v in {**ALGO_SETTINGS.get(algo, {}), **cfg.overrides}.items():
+    tc.model.path = cfg.model_path
+    for k, v in ALGO_SETTINGS.get(algo, {}).items():
         set_field(tc, k, v)
     return tc
 
@@ -72,6 +78,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     summary = {}
     for algo in cfg.algos:
         tc = demo_config(algo, cfg)
+        tc.eval.samples = 0  # greedy accuracy only: the demo's time goes to training
         if (tc.run_dir / "metrics.jsonl").exists():
             (tc.run_dir / "metrics.jsonl").unlink()  # a fresh demo, not an append
         t0 = time.time()
@@ -83,6 +90,9 @@ def run_demo(cfg: DemoConfig) -> dict:
             "samples_generated": evals[-1]["samples"],
             "seconds": round(time.time() - t0, 1),
             "train_seconds": round(evals[-1]["seconds"], 1),
+            "samples_to_threshold": next((r["samples"] for r in evals if r["eval/accuracy"] >= cfg.threshold),
+                                         None),
+            "threshold": cfg.threshold,
             "curve": [{"samples": r["samples"], "seconds": round(r["seconds"], 2),
                        "accuracy": r["eval/accuracy"]} for r in evals],
         }
@@ -123,9 +133,13 @@ def print_table(summary: dict) -> None:
     from rich.table import Table
 
     table = Table(title="reval demo (test split, greedy accuracy)")
-    for col in ("algorithm", "start acc", "final acc", "answers", "seconds"):
+    threshold = next(iter(summary.values()))["threshold"]
+    for col in ("algorithm", "start acc", "final acc", f"answers to {100 * threshold:.0f}%", "answers",
+                "seconds"):
         table.add_column(col, justify="right")
     for algo, s in summary.items():
+        reached = s["samples_to_threshold"]
         table.add_row(algo, f"{100 * s['initial_accuracy']:.1f}%", f"{100 * s['final_accuracy']:.1f}%",
-                      str(s["samples_generated"]), f"{s['seconds']:.0f}")
+                      "never" if reached is None else str(reached), str(s["samples_generated"]),
+                      f"{s['seconds']:.0f}")
     Console().print(table)

@@ -97,9 +97,12 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     cfg.validate()
     run_dir = cfg.run_dir
     ckpt = latest_checkpoint(run_dir) if resume else None
-    if resume and ckpt is None:
-        raise FileNotFoundError(f"--resume {run_dir}: no complete checkpoint in {run_dir / 'checkpoints'}")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if ckpt is not None:
+        cfg.check_resumable_from(TrainConfig.from_dict(torch.load(ckpt / "state.pt", weights_only=False)["config"]))
+    elif resume:  # killed before its first checkpoint: start the run over
+        print(f"no complete checkpoint in {run_dir / 'checkpoints'}; starting the run from scratch")
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    _check_writable(run_dir)
     (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
     algo = ALGORITHMS[cfg.algo]
 
@@ -122,6 +125,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     eval_set = split(cfg.task.eval_split, n_eval, cfg.task.digits, seed=0)  # fixed across seeds
 
     counters = {"round": 0, "updates": 0, "samples": 0, "seconds": 0.0, "ref_version": 0}
+    bad_updates = 0  # consecutive skipped updates
     logger_start = True
     if ckpt:
         state = torch.load(ckpt / "state.pt", weights_only=False)
@@ -163,7 +167,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
             # 3. rewards
             completions = tokenizer.batch_decode(samples.response_ids, skip_special_tokens=True)
             answers = [p.answer for p in problems for _ in range(G)]
-            rewards, reward_failures = score([correctness_reward], completions, {"answer": answers})
+            rewards, reward_failures = score([correctness_reward], completions, {"answer": answers},
+                                             timeout=cfg.rollout.reward_timeout)
             for i, trunc in enumerate(samples.truncated):
                 if trunc and rewards[i] is not None:
                     rewards[i] = None if cfg.loss.drop_truncated else 0.0  # no EOS: reward 0
@@ -178,10 +183,10 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
             upd_metrics: list[dict] = []
             fresh_batch = collate(fresh, tokenizer.pad_token_id) if fresh else None
             old_logp = None
-            if algo.on_policy and cfg.buffer.updates_per_round > 1 and fresh_batch is not None:
+            if algo.on_policy and cfg.updates_per_round > 1 and fresh_batch is not None:
                 with torch.no_grad():  # pi_old for PPO-style reuse of the fresh batch
                     old_logp = sequence_logprobs(model, fresh_batch, cfg.model.logprob_chunk)[0]
-            for k in range(cfg.buffer.updates_per_round):
+            for k in range(cfg.updates_per_round):
                 if algo.on_policy or (k == 0 and cfg.buffer.first_update_fresh):
                     batch = fresh_batch
                 else:
@@ -189,6 +194,13 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
                 if batch is None:
                     break
                 m = update(model, ref_model, optimizer, batch, cfg, old_logp)
+                bad_updates = bad_updates + 1 if m["perf/skipped"] else 0
+                if bad_updates >= cfg.optim.max_bad_updates:
+                    last = latest_checkpoint(run_dir)
+                    raise FloatingPointError(
+                        f"{bad_updates} updates in a row had a non-finite loss or gradient "
+                        f"(round {rnd}); stopping. Last good checkpoint: {last or 'none'}. "
+                        "Lower optim.lr or raise loss.beta, then resume or restart.")
                 m["buffer/staleness_mean"] = (counters["updates"] - batch.version.float()).mean().item()
                 m["buffer/staleness_max"] = float((counters["updates"] - batch.version).max())
                 upd_metrics.append(m)
@@ -273,6 +285,17 @@ def _checkpoint(run_dir, cfg, model, tokenizer, ref_model, optimizer, buffer, rn
         state={"optimizer": optimizer.state_dict(), "buffer": buffer.state_dict(),
                "rng": rng_state(rngs), "counters": dict(counters), "config": cfg.to_dict()},
         keep=cfg.keep_checkpoints)
+
+
+def _check_writable(run_dir: Path) -> None:
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise OSError(f"output directory {run_dir} is not writable ({e.strerror}); "
+                      "choose another --out") from None
 
 
 def _groups_all_same(experiences) -> float:

@@ -23,6 +23,7 @@ class Algorithm:
     needs_reference: bool  # compute ref log-probs / V_ref at every update
     on_policy: bool  # updates use the fresh batch only, never the replay buffer
     per_token: bool  # loss is a token-mean (else a trajectory-mean)
+    default_updates_per_round: int  # K when the config leaves it unset
     # compute(t, cfg, denom) -> (loss, metrics); t holds the tensors named below
     compute: Callable[[dict, object, int], tuple[torch.Tensor, dict]]
 
@@ -46,9 +47,12 @@ def _grpo(t: dict, cfg, denom: int):
 
 
 ALGORITHMS: dict[str, Algorithm] = {
-    "reval": Algorithm(needs_reference=True, on_policy=False, per_token=False, compute=_reval),
-    "tbrm": Algorithm(needs_reference=True, on_policy=False, per_token=False, compute=_tbrm),
-    "grpo": Algorithm(needs_reference=False, on_policy=True, per_token=True, compute=_grpo),
+    "reval": Algorithm(needs_reference=True, on_policy=False, per_token=False, default_updates_per_round=2,
+                       compute=_reval),
+    "tbrm": Algorithm(needs_reference=True, on_policy=False, per_token=False, default_updates_per_round=2,
+                      compute=_tbrm),
+    "grpo": Algorithm(needs_reference=False, on_policy=True, per_token=True, default_updates_per_round=1,
+                      compute=_grpo),
 }
 
 __all__ = ["ALGORITHMS", "Algorithm", "grpo_advantage", "grpo_loss", "reval_loss", "tbrm_loss"]
