@@ -1,6 +1,7 @@
 """Subprocess runs of the `reval` command, as a user would type them."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -69,14 +70,6 @@ def test_eval_command(tiny_dir, tmp_path):
     assert res["items"][1]["answer"] == "2" and "completion" in res["items"][0]
 
 
-def test_eval_bad_row_names_file_and_line(tiny_dir, tmp_path):
-    data = tmp_path / "bad.jsonl"
-    data.write_text('{"question": "ok", "answer": "1"}\n{"answer": "2"}\n')
-    proc = reval("eval", "--model", tiny_dir, "--data", data, check=False)
-    assert proc.returncode != 0
-    assert f"{data}:2: missing field 'question'" in proc.stderr
-
-
 def test_shipped_model_eval_on_test_split(tmp_path):
     """The shipped warm start scores inside the 10-50% greedy band the task was built for."""
     from reval.tasks.arithmetic import split
@@ -113,3 +106,42 @@ def test_demo_writes_summary_and_plot(tiny_dir, tmp_path):
         assert s["samples_generated"] == 128  # one round of 16 prompts x 8 answers, for both
     assert (out / "demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "final acc" in proc.stdout
+
+
+@pytest.mark.parametrize("line,problem", [
+    (b'{"answer": "2"}', "missing field 'question'"),
+    (b'{"question": "", "answer": "2"}', "field 'question' must be a non-empty string"),
+    (b'{"question": 5, "answer": "2"}', "field 'question' must be a non-empty string"),
+    (b'{"question": "q", "answer": [2]}', "field 'answer' must be a string or number"),
+    (b'{"question": "q\xff", "answer": "2"}', "not valid UTF-8"),
+    (b'{"question": "q", ', "not valid JSON"),
+    (b'[1, 2]', "expected a JSON object, got list"),
+])
+def test_bad_rows_named_or_skipped(tmp_path, line, problem):
+    from reval.cli import load_jsonl
+
+    data = tmp_path / "bad.jsonl"
+    data.write_bytes(b'{"question": "ok", "answer": "1"}\n' + line + b"\n")
+    with pytest.raises(ValueError, match=re.escape(f"{data}:2: {problem}")):
+        load_jsonl(data)
+    assert load_jsonl(data, skip_bad_rows=True) == (["ok"], ["1"], 1)
+
+
+def test_eval_command_bad_rows(tiny_dir, tmp_path):
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"question": "ok", "answer": "1"}\n{"answer": "2"}\n{"question": ""}\n')
+    proc = reval("eval", "--model", tiny_dir, "--data", data, check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert f"{data}:2: missing field 'question'" in proc.stderr and "(and 1 more bad rows)" in proc.stderr
+    proc = reval("eval", "--model", tiny_dir, "--data", data, "--skip-bad-rows")
+    assert "skipped 2 bad rows" in proc.stderr and '"n": 1' in proc.stdout
+
+
+def test_eval_prompt_longer_than_context(tiny_dir, tmp_path):
+    data = tmp_path / "long.jsonl"
+    data.write_text(json.dumps({"question": "x" * 300, "answer": "1"}) + "\n"
+                    + json.dumps({"question": "ok", "answer": "1"}) + "\n")
+    proc = reval("eval", "--model", tiny_dir, "--data", data, check=False)
+    assert proc.returncode != 0 and "question 1 is" in proc.stderr and "exceeds the model's context" in proc.stderr
+    proc = reval("eval", "--model", tiny_dir, "--data", data, "--skip-bad-rows")
+    assert "skipped 1 bad rows" in proc.stderr and '"n": 1' in proc.stdout

@@ -138,3 +138,31 @@ def test_non_finite_updates_are_skipped_then_stop_the_run(tiny_dir, tmp_path, mo
     # The checkpoint of round 1 holds the untouched weights: skipped updates changed nothing.
     saved = load_model(tmp_path / "run" / "checkpoints" / "round-000001" / "model")[0].state_dict()
     assert all(torch.equal(saved[k], before[k]) for k in before)
+
+
+def test_disk_full_during_checkpoint_keeps_the_previous_one(tiny_dir, tmp_path, monkeypatch):
+    import errno
+
+    import reval.checkpoint as ckpt_mod
+    from reval.train import train
+
+    real_save, calls = torch.save, []
+
+    def save_then_fail(obj, path, *a, **kw):
+        calls.append(path)
+        if len(calls) > 1:  # the second checkpoint hits a full disk
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, path, *a, **kw)
+
+    monkeypatch.setattr(ckpt_mod.torch, "save", save_then_fail)
+    cfg = TrainConfig(rounds=3, out=tmp_path / "run", progress=False, checkpoint_every=1)
+    cfg.model.path = str(tiny_dir)
+    cfg.rollout.prompts_per_round, cfg.rollout.samples_per_prompt = 4, 4
+    cfg.buffer.capacity, cfg.optim.micro_batch_size, cfg.task.num_test = 32, 8, 8
+    cfg.eval.samples = 0
+    with pytest.raises(OSError, match="could not write checkpoint .*No space left on device.*intact"):
+        train(cfg)
+    root = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["round-000001"]  # no temp directory left
+    state = torch.load(root / "round-000001" / "state.pt", weights_only=False)
+    assert state["counters"]["round"] == 1

@@ -42,36 +42,58 @@ class EvalArgs:
     """Name of the question field in each row."""
     answer_field: str = "answer"
     """Name of the answer field in each row."""
+    skip_bad_rows: bool = False
+    """Skip (and count) bad rows instead of stopping at the first one."""
 
 
-def load_jsonl(path: Path, question_field: str = "question", answer_field: str = "answer"):
-    """Read (questions, answers); a bad row raises ValueError naming the file and line."""
+def load_jsonl(path: Path, question_field: str = "question", answer_field: str = "answer",
+               skip_bad_rows: bool = False) -> tuple[list[str], list[str], int]:
+    """Read `(questions, answers, num_skipped)` from a JSONL file.
+
+    A bad row (invalid UTF-8 or JSON, not an object, a missing field, an empty question,
+    an answer that is not a string or number) raises ValueError naming the file and line,
+    unless `skip_bad_rows`, which skips it and counts it.
+    """
     if not path.is_file():
         raise FileNotFoundError(f"data file {path} does not exist")
-    questions, answers = [], []
+    questions, answers, errors = [], [], []
     with open(path, "rb") as fh:
         for n, raw in enumerate(fh, start=1):
             if not raw.strip():
                 continue
-            try:
-                row = json.loads(raw.decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise ValueError(f"{path}:{n}: not a valid UTF-8 JSON line ({e})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
-            for f in (question_field, answer_field):
-                if f not in row:
-                    raise ValueError(f"{path}:{n}: missing field {f!r} (fields: {sorted(row)})")
-            q, a = row[question_field], row[answer_field]
-            if not isinstance(q, str) or not q.strip():
-                raise ValueError(f"{path}:{n}: field {question_field!r} must be a non-empty string")
-            if not isinstance(a, (str, int, float)) or isinstance(a, bool):
-                raise ValueError(f"{path}:{n}: field {answer_field!r} must be a string or number")
-            questions.append(q)
-            answers.append(str(a))
+            problem = _row_problem(raw, question_field, answer_field)
+            if isinstance(problem, str):
+                errors.append(f"{path}:{n}: {problem}")
+                continue
+            questions.append(problem[0])
+            answers.append(problem[1])
+    if errors and not skip_bad_rows:
+        more = f" (and {len(errors) - 1} more bad rows)" if len(errors) > 1 else ""
+        raise ValueError(f"{errors[0]}{more}; fix the rows or pass --skip-bad-rows")
     if not questions:
-        raise ValueError(f"{path}: no rows")
-    return questions, answers
+        raise ValueError(f"{path}: no usable rows")
+    return questions, answers, len(errors)
+
+
+def _row_problem(raw: bytes, question_field: str, answer_field: str) -> tuple[str, str] | str:
+    """The (question, answer) of one JSONL line, or a string saying what is wrong with it."""
+    try:
+        row = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        return "not valid UTF-8"
+    except json.JSONDecodeError as e:
+        return f"not valid JSON ({e.msg})"
+    if not isinstance(row, dict):
+        return f"expected a JSON object, got {type(row).__name__}"
+    for f in (question_field, answer_field):
+        if f not in row:
+            return f"missing field {f!r} (fields: {sorted(row)})"
+    q, a = row[question_field], row[answer_field]
+    if not isinstance(q, str) or not q.strip():
+        return f"field {question_field!r} must be a non-empty string"
+    if not isinstance(a, (str, int, float)) or isinstance(a, bool):
+        return f"field {answer_field!r} must be a string or number"
+    return q, str(a)
 
 
 def _train(argv: list[str]) -> None:
@@ -115,14 +137,39 @@ def _eval(argv: list[str]) -> None:
     from reval.model import default_model_path, load_model
 
     args = tyro.cli(EvalArgs, args=argv, prog="reval eval")
-    questions, answers = load_jsonl(args.data, args.question_field, args.answer_field)
+    questions, answers, skipped = load_jsonl(args.data, args.question_field, args.answer_field,
+                                             args.skip_bad_rows)
     model, tokenizer = load_model(args.model or default_model_path())
+    too_long = prompts_too_long(tokenizer, questions, model.config.max_position_embeddings,
+                                args.max_new_tokens)
+    if too_long and not args.skip_bad_rows:
+        i, n = too_long[0]
+        raise ValueError(f"{args.data}: question {i + 1} is {n} tokens; with max_new_tokens="
+                         f"{args.max_new_tokens} it exceeds the model's context of "
+                         f"{model.config.max_position_embeddings} ({len(too_long)} such rows); "
+                         "shorten it or pass --skip-bad-rows")
+    drop = {i for i, _ in too_long}
+    questions = [q for i, q in enumerate(questions) if i not in drop]
+    answers = [a for i, a in enumerate(answers) if i not in drop]
+    if skipped or drop:
+        print(f"skipped {skipped + len(drop)} bad rows", file=sys.stderr)
+    if not questions:
+        raise ValueError(f"{args.data}: no usable rows")
     res = evaluate(model, tokenizer, questions, answers, samples=args.samples,
                    max_new_tokens=args.max_new_tokens, keep_items=True)
     print(json.dumps({k: v for k, v in res.items() if k != "items"} | {"n": len(questions)}, indent=2))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(res, indent=2) + "\n")
+
+
+def prompts_too_long(tokenizer, questions: list[str], context: int, max_new_tokens: int):
+    """(index, prompt tokens) of each question whose prompt plus answer cannot fit."""
+    from reval.model import format_prompt
+
+    lengths = [len(tokenizer(format_prompt(tokenizer, q), add_special_tokens=False)["input_ids"])
+               for q in questions]
+    return [(i, n) for i, n in enumerate(lengths) if n + max_new_tokens > context]
 
 
 def _demo(argv: list[str]) -> None:
