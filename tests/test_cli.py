@@ -36,9 +36,12 @@ def test_train_runs_and_writes_run_dir(tiny_dir, tmp_path, algo):
 
 
 def test_resume_continues_and_matches_uninterrupted(tiny_dir, tmp_path):
-    common = ["--model.path", tiny_dir, *SMALL, "--loss.ref-reset-every", "3"]
+    # A reset every 2 updates (K = 2) happens in round 1, so the round-2 checkpoint we
+    # resume from must carry the reset reference, not the starting model.
+    common = ["--model.path", tiny_dir, *SMALL, "--loss.ref-reset-every", "2"]
     reval("train", "--rounds", "4", "--out", tmp_path / "a", *common)
     reval("train", "--rounds", "2", "--out", tmp_path / "b", *common)
+    assert (tmp_path / "b" / "checkpoints" / "round-000002" / "reference" / "model.safetensors").exists()
     reval("train", "--resume", tmp_path / "b", "--rounds", "4")
 
     def metrics(d):
@@ -66,7 +69,8 @@ def test_eval_command(tiny_dir, tmp_path):
     out = tmp_path / "res.json"
     reval("eval", "--model", tiny_dir, "--data", data, "--out", out)
     res = json.loads(out.read_text())
-    assert 0.0 <= res["accuracy"] <= 1.0 and len(res["items"]) == 2
+    assert len(res["items"]) == 2
+    assert res["accuracy"] == sum(i["correct"] for i in res["items"]) / 2
     assert res["items"][1]["answer"] == "2" and "completion" in res["items"][0]
 
 
@@ -145,3 +149,27 @@ def test_eval_prompt_longer_than_context(tiny_dir, tmp_path):
     assert proc.returncode != 0 and "question 1 is" in proc.stderr and "exceeds the model's context" in proc.stderr
     proc = reval("eval", "--model", tiny_dir, "--data", data, "--skip-bad-rows")
     assert "skipped 1 bad rows" in proc.stderr and '"n": 1' in proc.stdout
+
+
+def test_train_refuses_to_mix_two_runs_in_one_directory(tiny_dir, tmp_path):
+    out = tmp_path / "run"
+    reval("train", "--rounds", "1", "--model.path", tiny_dir, "--out", out, *SMALL)
+    proc = reval("train", "--rounds", "1", "--model.path", tiny_dir, "--out", out, *SMALL, check=False)
+    assert proc.returncode != 0 and "already holds a run" in proc.stderr and "--resume" in proc.stderr
+
+
+@pytest.mark.parametrize("args,content,message", [
+    (["--resume"], None, "--resume needs a value"),
+    (["--config"], None, "--config needs a value"),
+    (["--config", "{cfg}"], "algo: [unclosed", "could not be parsed"),
+    (["--config", "{cfg}"], "", "must hold a mapping"),
+    (["--config", "{cfg}"], "rounds: ten", "config key rounds must be int, got 'ten'"),
+    (["--config", "{cfg}"], "loss: 3", "config key loss must be a mapping"),
+    (["--config", "{cfg}", "--resume", "{cfg}"], "rounds: 1", "cannot take --config"),
+])
+def test_malformed_train_arguments_are_clear_errors(tmp_path, args, content, message):
+    cfg = tmp_path / "c.yaml"
+    if content is not None:
+        cfg.write_text(content)
+    proc = reval("train", *[a.format(cfg=cfg) for a in args], check=False)
+    assert proc.returncode != 0 and message in proc.stderr and "Traceback" not in proc.stderr

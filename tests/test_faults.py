@@ -40,7 +40,7 @@ def test_kill_9_at_several_points_then_resume_reproduces_the_run(tiny_dir, tmp_p
                                 stderr=subprocess.DEVNULL)
         time.sleep(delay)
         proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        assert proc.wait() == -signal.SIGKILL, f"the run ended before the kill at {delay}s"
         for ckpt in list_checkpoints(run):  # whatever is under a final name is complete
             assert (ckpt / "state.pt").exists() and (ckpt / "model" / "model.safetensors").exists()
         cmd = [*CMD, "--resume", str(run)] if (run / "config.json").exists() else [*CMD, *args, "--out", str(run)]

@@ -15,6 +15,11 @@ def test_splits_deterministic_and_disjoint():
     assert split("test", 50, seed=1) != split("test", 50)
     test_pairs = {(p.a, p.b) for p in split("test", 10_000)}
     assert not test_pairs & {(p.a, p.b) for p in split("train", 3000)}
+    # Every run evaluates on the seed-0 sets: no training seed may draw their problems.
+    for seed in (1, 2):
+        assert not test_pairs & {(p.a, p.b) for p in split("train", 3000, seed=seed)}
+        two_digit = {(p.a, p.b) for p in split("test", 10_000, digits=2)}
+        assert not two_digit & {(p.a, p.b) for p in split("train", 3000, digits=2, seed=seed)}
     with pytest.raises(ValueError, match="unknown split"):
         split("dev", 3)
 

@@ -20,11 +20,19 @@ import torch
 PREFIX = "round-"
 
 
-def _fsync_dir(path: Path) -> None:
-    for f in path.rglob("*"):
-        if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
+def _fsync(path: Path) -> None:
+    """fsync one file or directory."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(path: Path) -> None:
+    """Flush every file and directory under `path` (and `path` itself) to disk."""
+    for f in [*path.rglob("*"), path]:
+        _fsync(f)  # works for files and directories alike
 
 
 def save_checkpoint(run_dir: Path, round_: int, *, model, tokenizer, ref_model, state: dict,
@@ -41,14 +49,17 @@ def save_checkpoint(run_dir: Path, round_: int, *, model, tokenizer, ref_model, 
         if ref_model is not None:
             ref_model.save_pretrained(tmp / "reference")
         torch.save(state, tmp / "state.pt")
-        _fsync_dir(tmp)
+        _fsync_tree(tmp)
     except (OSError, RuntimeError) as e:  # disk full, permissions: keep the old checkpoints
         shutil.rmtree(tmp, ignore_errors=True)
         raise OSError(f"could not write checkpoint {final} ({e}); the previous checkpoints in "
                       f"{root} are intact. Free space or choose another --out, then --resume.") from e
-    if final.exists():  # re-saving the same round (e.g. after an interrupt): replace it
-        shutil.rmtree(final)
+    old = root / f".old-{final.name}-{os.getpid()}"
+    if final.exists():  # re-saving the same round: set the old copy aside until the new is in
+        os.replace(final, old)
     os.replace(tmp, final)
+    _fsync(root)  # make the rename itself durable
+    shutil.rmtree(old, ignore_errors=True)
     for old in list_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final

@@ -102,34 +102,48 @@ def _train(argv: list[str]) -> None:
 
     base, resume = TrainConfig(), False
     argv = list(argv)
-    if "--resume" in argv:
-        i = argv.index("--resume")
-        run_dir = Path(argv[i + 1])
-        del argv[i:i + 2]
+    run_dir, config_path = _pop_flag(argv, "--resume"), _pop_flag(argv, "--config")
+    if run_dir and config_path:
+        raise ValueError("--resume continues a run with its saved config; it cannot take --config")
+    if run_dir:
         if not (run_dir / "config.json").is_file():
-            raise SystemExit(f"error: --resume {run_dir}: no config.json there; is it a run directory?")
-        base = TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
+            raise ValueError(f"--resume {run_dir}: no config.json there; is it a run directory?")
+        base = TrainConfig.from_dict(_read_config(run_dir / "config.json"))
         base.out, resume = run_dir, True
-    if "--config" in argv:
-        i = argv.index("--config")
-        path = Path(argv[i + 1])
-        del argv[i:i + 2]
-        if not path.is_file():
-            raise SystemExit(f"error: --config {path}: file not found")
-        base = TrainConfig.from_dict(_read_config(path))
+    if config_path:
+        if not config_path.is_file():
+            raise ValueError(f"--config {config_path}: file not found")
+        base = TrainConfig.from_dict(_read_config(config_path))
     cfg = tyro.cli(TrainConfig, default=base, args=argv, prog="reval train",
                    description="Train with ReVal, TBRM or GRPO. Also: --config FILE, --resume DIR.")
     result = train(cfg, resume=resume)
     print(json.dumps({k: v for k, v in result.items() if not isinstance(v, list)}, indent=2))
 
 
-def _read_config(path: Path) -> dict:
-    text = path.read_text()
-    if path.suffix in (".yaml", ".yml"):
-        import yaml
+def _pop_flag(argv: list[str], flag: str) -> Path | None:
+    """Remove `flag VALUE` from argv and return VALUE (None if the flag is absent)."""
+    if flag not in argv:
+        return None
+    i = argv.index(flag)
+    if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
+        raise ValueError(f"{flag} needs a value")
+    value = argv[i + 1]
+    del argv[i:i + 2]
+    return Path(value)
 
-        return yaml.safe_load(text)
-    return json.loads(text)
+
+def _read_config(path: Path) -> dict:
+    """A JSON or YAML mapping; syntax errors name the file."""
+    import yaml
+
+    try:
+        text = path.read_text(encoding="utf-8")
+        data = yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else json.loads(text)
+    except (yaml.YAMLError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"config file {path} could not be parsed: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path} must hold a mapping of config keys, got {type(data).__name__}")
+    return data
 
 
 def _eval(argv: list[str]) -> None:

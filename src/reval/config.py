@@ -24,7 +24,7 @@ class ModelConfig:
     path: str | None = None
     """Model directory or hub id; None uses the shipped warm-start model."""
     dtype: Literal["float32", "bfloat16"] = "float32"
-    """Weights dtype. Log-probs and the loss are always computed in float32."""
+    """Weights dtype. Logits are projected in this dtype, then log-probs and the loss are float32."""
     logprob_chunk: int | None = None
     """Positions per chunk of the vocabulary projection (memory knob for big vocabularies)."""
 
@@ -167,6 +167,9 @@ class TrainConfig:
             ("rollout.max_new_tokens", self.rollout.max_new_tokens >= 1, ">= 1"),
             ("optim.lr", self.optim.lr > 0, "> 0"),
             ("optim.max_grad_norm", self.optim.max_grad_norm > 0, "> 0"),
+            ("optim.weight_decay", self.optim.weight_decay >= 0, ">= 0"),
+            ("model.logprob_chunk", self.model.logprob_chunk is None or self.model.logprob_chunk >= 1,
+             ">= 1 (or unset)"),
             ("optim.micro_batch_size", 1 <= self.optim.micro_batch_size <= self.batch_size,
              f"in [1, prompts_per_round x samples_per_prompt = {self.batch_size}]"),
             ("rounds", self.rounds >= 1, ">= 1"),
@@ -189,12 +192,14 @@ class TrainConfig:
     def check_resumable_from(self, saved: "TrainConfig") -> None:
         """Raise ValueError if this config cannot continue a run saved with `saved`.
 
-        Only the length of the run, evaluation, checkpointing and display may change on
-        resume; anything else would silently mix two different experiments.
+        Only the length of the run, evaluation, checkpointing, display and the memory /
+        timeout knobs that do not change the maths may change on resume; anything else
+        would silently mix two different experiments.
         """
-        mutable = ("rounds", "out", "progress", "checkpoint_every", "keep_checkpoints", "eval")
-        a, b = self.to_dict(), saved.to_dict()
-        changed = [k for k in a if k not in mutable and a[k] != b[k]]
+        mutable = ("rounds", "out", "progress", "checkpoint_every", "keep_checkpoints", "eval.",
+                   "optim.micro_batch_size", "model.logprob_chunk", "rollout.reward_timeout")
+        a, b = _flatten(self.to_dict()), _flatten(saved.to_dict())
+        changed = [k for k in a if not k.startswith(mutable) and a[k] != b.get(k)]
         if changed:
             details = "; ".join(f"{k}: run has {b[k]!r}, now {a[k]!r}" for k in changed)
             raise ValueError(f"cannot resume: the configuration differs from the run's ({details}). "
@@ -207,6 +212,16 @@ class TrainConfig:
     def from_dict(cls, d: dict) -> "TrainConfig":
         """Inverse of `to_dict`; unknown keys are an error naming them."""
         return _from_dict(cls, d, prefix="")
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
 
 
 def _get(obj, dotted: str):
@@ -225,9 +240,18 @@ def _from_dict(cls, d: dict, prefix: str):
     for name, value in d.items():
         default = getattr(cls(), name)
         if dataclasses.is_dataclass(default):
+            if not isinstance(value, dict):
+                raise ValueError(f"config key {prefix}{name} must be a mapping of its fields, got {value!r}")
             kwargs[name] = _from_dict(type(default), value, prefix + name + ".")
         elif name == "out" and value is not None:
             kwargs[name] = Path(value)
         else:
+            # int is accepted where a float is expected; None-defaulted fields are free
+            expected = float if isinstance(default, float) else type(default)
+            ok = default is None or value is None or isinstance(value, expected) or (
+                expected is float and isinstance(value, int)) or (
+                expected is tuple and isinstance(value, list))
+            if not ok or (isinstance(value, bool) and expected is not bool):
+                raise ValueError(f"config key {prefix}{name} must be {expected.__name__}, got {value!r}")
             kwargs[name] = value
     return cls(**kwargs)

@@ -12,6 +12,7 @@ The per-algorithm settings below were picked on the validation split (see README
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,8 +80,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     for algo in cfg.algos:
         tc = demo_config(algo, cfg)
         tc.eval.samples = 0  # greedy accuracy only: the demo's time goes to training
-        if (tc.run_dir / "metrics.jsonl").exists():
-            (tc.run_dir / "metrics.jsonl").unlink()  # a fresh demo, not an append
+        shutil.rmtree(tc.run_dir, ignore_errors=True)  # the demo's own runs: start afresh
         t0 = time.time()
         train(tc)
         evals = [r for r in read_metrics(tc.run_dir / "metrics.jsonl") if "eval/accuracy" in r]

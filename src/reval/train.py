@@ -20,8 +20,8 @@ Single process and plain PyTorch, so `breakpoint()` works anywhere.
 
 from __future__ import annotations
 
-import copy
 import json
+import os
 import math
 import random
 import signal
@@ -41,7 +41,7 @@ from reval.metrics import MetricsLogger, read_metrics
 from reval.model import default_model_path, format_prompt, load_model
 from reval.rewards import correctness_reward, score
 from reval.rollout import generate, to_experiences
-from reval.tasks.arithmetic import split
+from reval.tasks.arithmetic import EVAL_SEED, split
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -75,8 +75,11 @@ def update(model, ref_model, optimizer, batch: Batch, cfg: TrainConfig,
         loss, metrics = algo.compute(t, cfg.loss, denom)
         loss.backward()
         total_loss += loss.item()
-        for k, v in metrics.items():  # size-weighted mean over micro-batches
-            sums[k] = sums.get(k, 0.0) + v * len(micro) / len(batch)
+        for k, v in metrics.items():  # max over micro-batches, else a size-weighted mean
+            if k.endswith("_max_abs"):
+                sums[k] = max(sums.get(k, 0.0), v)
+            else:
+                sums[k] = sums.get(k, 0.0) + v * len(micro) / len(batch)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm)
     finite = math.isfinite(total_loss) and torch.isfinite(grad_norm).item()
     if finite:
@@ -88,7 +91,9 @@ def update(model, ref_model, optimizer, batch: Batch, cfg: TrainConfig,
 
 def _load(cfg: TrainConfig, path: str | Path):
     model, tokenizer = load_model(path, DTYPES[cfg.model.dtype])
-    model.train()
+    # eval mode (dropout off) for updates too: the loss compares policy and reference
+    # log-probs exactly, and dropout would break ReVal's delta = 0 at the start.
+    model.eval()
     return model, tokenizer
 
 
@@ -97,11 +102,15 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     cfg.validate()
     run_dir = cfg.run_dir
     ckpt = latest_checkpoint(run_dir) if resume else None
-    if ckpt is not None:
-        cfg.check_resumable_from(TrainConfig.from_dict(torch.load(ckpt / "state.pt", weights_only=False)["config"]))
+    state = torch.load(ckpt / "state.pt", weights_only=False) if ckpt else None
+    if state is not None:
+        cfg.check_resumable_from(TrainConfig.from_dict(state["config"]))
     elif resume:  # killed before its first checkpoint: start the run over
         print(f"no complete checkpoint in {run_dir / 'checkpoints'}; starting the run from scratch")
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    elif (run_dir / "metrics.jsonl").exists() or latest_checkpoint(run_dir):
+        raise ValueError(f"run directory {run_dir} already holds a run; continue it with "
+                         f"--resume {run_dir}, or choose another --out")
     _check_writable(run_dir)
     (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
     algo = ALGORITHMS[cfg.algo]
@@ -122,13 +131,19 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     # -- data --------------------------------------------------------------------------------
     train_set = split("train", cfg.task.num_train, cfg.task.digits, seed=cfg.seed)
     n_eval = cfg.task.num_test if cfg.task.eval_split == "test" else cfg.task.num_validation
-    eval_set = split(cfg.task.eval_split, n_eval, cfg.task.digits, seed=0)  # fixed across seeds
+    eval_set = split(cfg.task.eval_split, n_eval, cfg.task.digits, seed=EVAL_SEED)  # fixed across seeds
+
+    longest = max(len(ids) for ids in tokenizer([format_prompt(tokenizer, p.question) for p in train_set],
+                                                  add_special_tokens=False)["input_ids"])
+    context = getattr(model.config, "max_position_embeddings", None)
+    if context is not None and longest + cfg.rollout.max_new_tokens > context:
+        raise ValueError(f"the longest training prompt is {longest} tokens; with rollout.max_new_tokens="
+                         f"{cfg.rollout.max_new_tokens} it exceeds the model's context of {context}")
 
     counters = {"round": 0, "updates": 0, "samples": 0, "seconds": 0.0, "ref_version": 0}
     bad_updates = 0  # consecutive skipped updates
     logger_start = True
-    if ckpt:
-        state = torch.load(ckpt / "state.pt", weights_only=False)
+    if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         buffer.load_state_dict(state["buffer"])
         set_rng_state(state["rng"], rngs)
@@ -189,10 +204,12 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
             for k in range(cfg.updates_per_round):
                 if algo.on_policy or (k == 0 and cfg.buffer.first_update_fresh):
                     batch = fresh_batch
-                else:
+                elif len(buffer):
                     batch = collate(buffer.sample(cfg.batch_size, rngs["buffer"]), tokenizer.pad_token_id)
-                if batch is None:
-                    break
+                else:
+                    batch = None
+                if batch is None:  # every answer was dropped (e.g. all truncated): nothing to learn
+                    continue
                 m = update(model, ref_model, optimizer, batch, cfg, old_logp)
                 bad_updates = bad_updates + 1 if m["perf/skipped"] else 0
                 if bad_updates >= cfg.optim.max_bad_updates:
@@ -204,6 +221,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
                 m["buffer/staleness_mean"] = (counters["updates"] - batch.version.float()).mean().item()
                 m["buffer/staleness_max"] = float((counters["updates"] - batch.version).max())
                 upd_metrics.append(m)
+                if m["perf/skipped"]:
+                    continue  # the weights did not change: same policy version, no reset
                 counters["updates"] += 1
                 # 6. reference reset: the replayed trajectories' ref log-probs are recomputed
                 #    with the new reference at the next update (nothing is cached)
@@ -238,7 +257,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
             bar.update(1)
             bar.set_postfix(reward=f"{rec['rollout/reward_mean']:.2f}",
                             acc=f"{last_eval.get('eval/accuracy', float('nan')):.2f}")
-            if interrupt.requested:  # Ctrl-C: checkpoint the completed round, stop cleanly
+            if interrupt.requested and not done:  # Ctrl-C: checkpoint the completed round, stop
                 if not (done or (cfg.checkpoint_every and counters["round"] % cfg.checkpoint_every == 0)):
                     _checkpoint(run_dir, cfg, model, tokenizer, ref_model, optimizer, buffer, rngs, counters)
                 bar.close()
@@ -310,4 +329,6 @@ def _truncate_metrics(path: Path, last_round: int) -> None:
     """Drop metric lines written after the checkpoint we resume from (they will be redone)."""
     if path.exists():
         keep = [r for r in read_metrics(path) if r["round"] <= last_round]
-        path.write_text("".join(json.dumps(r) + "\n" for r in keep))
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
+        os.replace(tmp, path)  # a kill during the rewrite leaves the old file whole
