@@ -3,7 +3,7 @@
 import random
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from reval.model import build_char_tokenizer
@@ -55,7 +55,7 @@ def test_verify_edge_cases():
     assert not verify("632", "632")  # a bare number is not an answer
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300, deadline=None, derandomize=True)
 @given(st.text())
 def test_extract_answer_never_crashes(text):
     out = extract_answer(text)
@@ -63,13 +63,20 @@ def test_extract_answer_never_crashes(text):
     assert isinstance(verify(text, "12"), bool)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=200, deadline=None, derandomize=True)
 @given(st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126)) | st.sampled_from(["a\nb", " x "]))
 def test_tokenizer_round_trip(text):
+    assume(not any(special in text for special in ("<pad>", "<eos>", "<unk>")))
     tok = build_char_tokenizer()
     ids = tok(text, add_special_tokens=False)["input_ids"]
     assert len(ids) == len(text)
     assert tok.decode(ids) == text
+
+
+def test_special_token_strings_are_special():
+    """As in HF tokenizers generally: the literal text of a special token is that token."""
+    tok = build_char_tokenizer()
+    assert tok("<eos>", add_special_tokens=False)["input_ids"] == [tok.eos_token_id]
 
 
 def test_tokenizer_round_trip_after_save(tmp_path):
