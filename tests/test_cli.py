@@ -173,3 +173,11 @@ def test_malformed_train_arguments_are_clear_errors(tmp_path, args, content, mes
         cfg.write_text(content)
     proc = reval("train", *[a.format(cfg=cfg) for a in args], check=False)
     assert proc.returncode != 0 and message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_train_prompt_longer_than_context_is_refused(tiny_dir, tmp_path):
+    # The tiny model's context is 256 tokens; prompts are ~60, so 250 new tokens cannot fit.
+    proc = reval("train", "--model.path", tiny_dir, "--rollout.max-new-tokens", "250", "--out", tmp_path / "r",
+                 *SMALL, check=False)
+    assert proc.returncode != 0 and "exceeds the model's context of 256" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -148,14 +148,13 @@ def _read_config(path: Path) -> dict:
 
 def _eval(argv: list[str]) -> None:
     from reval.evaluate import evaluate
-    from reval.model import default_model_path, load_model
+    from reval.model import default_model_path, load_model, prompts_too_long
 
     args = tyro.cli(EvalArgs, args=argv, prog="reval eval")
     questions, answers, skipped = load_jsonl(args.data, args.question_field, args.answer_field,
                                              args.skip_bad_rows)
     model, tokenizer = load_model(args.model or default_model_path())
-    too_long = prompts_too_long(tokenizer, questions, model.config.max_position_embeddings,
-                                args.max_new_tokens)
+    too_long = prompts_too_long(model, tokenizer, questions, args.max_new_tokens)
     if too_long and not args.skip_bad_rows:
         i, n = too_long[0]
         raise ValueError(f"{args.data}: question {i + 1} is {n} tokens; with max_new_tokens="
@@ -175,15 +174,6 @@ def _eval(argv: list[str]) -> None:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(res, indent=2) + "\n")
-
-
-def prompts_too_long(tokenizer, questions: list[str], context: int, max_new_tokens: int):
-    """(index, prompt tokens) of each question whose prompt plus answer cannot fit."""
-    from reval.model import format_prompt
-
-    lengths = [len(tokenizer(format_prompt(tokenizer, q), add_special_tokens=False)["input_ids"])
-               for q in questions]
-    return [(i, n) for i, n in enumerate(lengths) if n + max_new_tokens > context]
 
 
 def _demo(argv: list[str]) -> None:

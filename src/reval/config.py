@@ -201,7 +201,7 @@ class TrainConfig:
         a, b = _flatten(self.to_dict()), _flatten(saved.to_dict())
         changed = [k for k in a if not k.startswith(mutable) and a[k] != b.get(k)]
         if changed:
-            details = "; ".join(f"{k}: run has {b[k]!r}, now {a[k]!r}" for k in changed)
+            details = "; ".join(f"{k}: run has {b.get(k)!r}, now {a[k]!r}" for k in changed)
             raise ValueError(f"cannot resume: the configuration differs from the run's ({details}). "
                              "Start a new run directory, or resume without changing these.")
 

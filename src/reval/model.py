@@ -92,5 +92,19 @@ def format_prompt(tokenizer, question: str, template: str | None = PROMPT_TEMPLA
     )
 
 
+def prompts_too_long(model, tokenizer, questions: list[str], max_new_tokens: int,
+                     template: str | None = PROMPT_TEMPLATE) -> list[tuple[int, int]]:
+    """(index, prompt tokens) of each question whose prompt plus answer exceeds the context.
+
+    Models without `max_position_embeddings` in their config are not checked.
+    """
+    context = getattr(model.config, "max_position_embeddings", None)
+    if context is None or not questions:
+        return []
+    prompts = [format_prompt(tokenizer, q, template) for q in questions]
+    lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+    return [(i, n) for i, n in enumerate(lengths) if n + max_new_tokens > context]
+
+
 def num_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())

@@ -38,7 +38,7 @@ from reval.evaluate import evaluate
 from reval.logprobs import sequence_logprobs
 from reval.losses import ALGORITHMS
 from reval.metrics import MetricsLogger, read_metrics
-from reval.model import default_model_path, format_prompt, load_model
+from reval.model import default_model_path, format_prompt, load_model, prompts_too_long
 from reval.rewards import correctness_reward, score
 from reval.rollout import generate, to_experiences
 from reval.tasks.arithmetic import EVAL_SEED, split
@@ -133,12 +133,12 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     n_eval = cfg.task.num_test if cfg.task.eval_split == "test" else cfg.task.num_validation
     eval_set = split(cfg.task.eval_split, n_eval, cfg.task.digits, seed=EVAL_SEED)  # fixed across seeds
 
-    longest = max(len(ids) for ids in tokenizer([format_prompt(tokenizer, p.question) for p in train_set],
-                                                  add_special_tokens=False)["input_ids"])
-    context = getattr(model.config, "max_position_embeddings", None)
-    if context is not None and longest + cfg.rollout.max_new_tokens > context:
-        raise ValueError(f"the longest training prompt is {longest} tokens; with rollout.max_new_tokens="
-                         f"{cfg.rollout.max_new_tokens} it exceeds the model's context of {context}")
+    too_long = prompts_too_long(model, tokenizer, [p.question for p in train_set], cfg.rollout.max_new_tokens)
+    if too_long:
+        i, n = too_long[0]
+        raise ValueError(f"training prompt {i} is {n} tokens ({len(too_long)} such prompts); with "
+                         f"rollout.max_new_tokens={cfg.rollout.max_new_tokens} it exceeds the model's "
+                         f"context of {model.config.max_position_embeddings}")
 
     counters = {"round": 0, "updates": 0, "samples": 0, "seconds": 0.0, "ref_version": 0}
     bad_updates = 0  # consecutive skipped updates
