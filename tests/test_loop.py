@@ -66,3 +66,34 @@ def test_truncated_answers_reward_zero_or_dropped(monkeypatch, tiny_dir, tmp_pat
     result, seen = _spy_run(monkeypatch, tiny_dir, tmp_path / "b", rollout__max_new_tokens=2,
                             loss__drop_truncated=True)
     assert seen == [] and result["updates"] == 0 and result["samples"] == 24
+
+
+def test_problem_overrides_and_early_stop(monkeypatch, tiny_dir, tmp_path):
+    """The one-prompt setting: one training problem, evaluated on itself, stopped by a callback."""
+    from reval.model import format_prompt, load_tokenizer
+    from reval.tasks.arithmetic import split
+
+    only = split("test", 1, seed=0)[0]
+    seen, evals = [], []
+    real_update = train_mod.update
+    monkeypatch.setattr(train_mod, "update", lambda *a, **k: seen.append(a[3]) or real_update(*a, **k))
+    cfg = TrainConfig(algo="reval", rounds=5, out=tmp_path / "one", progress=False, checkpoint_every=0)
+    cfg.model.path = str(tiny_dir)
+    cfg.rollout.prompts_per_round, cfg.rollout.samples_per_prompt = 1, 4
+    cfg.buffer.capacity, cfg.optim.micro_batch_size = 8, 4
+    cfg.eval.every, cfg.eval.samples = 1, 2
+
+    def stop(rec):
+        evals.append(rec)
+        return rec["round"] == 2
+
+    result = train_mod.train(cfg, problems=[only], eval_problems=[only], should_stop=stop)
+    assert result["round"] == 2 and [r["round"] for r in evals] == [1, 2]  # stopped after round 2
+    assert "eval/mean@2" in evals[-1]
+    tok = load_tokenizer(tiny_dir)
+    prompt = tok(format_prompt(tok, only.question), add_special_tokens=False)["input_ids"]
+    assert len(seen) == 4
+    for batch in seen:  # every trajectory (fresh or replayed) answers the one problem
+        for i in range(len(batch)):
+            assert batch.input_ids[i][: batch.first_index[i] + 1].tolist() == prompt
+    assert (tmp_path / "one" / "checkpoints").exists()  # the early stop still checkpoints

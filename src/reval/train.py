@@ -26,6 +26,7 @@ import math
 import random
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -97,8 +98,16 @@ def _load(cfg: TrainConfig, path: str | Path):
     return model, tokenizer
 
 
-def train(cfg: TrainConfig, resume: bool = False) -> dict:
-    """Run (or resume) training; returns the final evaluation and counters."""
+def train(cfg: TrainConfig, resume: bool = False, *, problems: list | None = None,
+          eval_problems: list | None = None, should_stop: Callable[[dict], bool] | None = None) -> dict:
+    """Run (or resume) training; returns the final evaluation and counters.
+
+    For studies that need other data than the task config describes (the benchmark's
+    one-prompt setting): `problems` replaces the training split, `eval_problems` the
+    evaluation split (objects with `.question` and `.answer`), and `should_stop` is
+    called with every evaluation record and ends the run after that round when it
+    returns True. None of the three is saved in checkpoints: pass them again on resume.
+    """
     cfg.validate()
     run_dir = cfg.run_dir
     ckpt = latest_checkpoint(run_dir) if resume else None
@@ -129,9 +138,10 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     rngs = {"prompts": random.Random(cfg.seed), "buffer": random.Random(cfg.seed + 1)}
 
     # -- data --------------------------------------------------------------------------------
-    train_set = split("train", cfg.task.num_train, cfg.task.digits, seed=cfg.seed)
+    train_set = problems or split("train", cfg.task.num_train, cfg.task.digits, seed=cfg.seed)
     n_eval = cfg.task.num_test if cfg.task.eval_split == "test" else cfg.task.num_validation
-    eval_set = split(cfg.task.eval_split, n_eval, cfg.task.digits, seed=EVAL_SEED)  # fixed across seeds
+    eval_set = eval_problems or split(cfg.task.eval_split, n_eval, cfg.task.digits,
+                                      seed=EVAL_SEED)  # fixed across seeds
 
     too_long = prompts_too_long(model, tokenizer, [p.question for p in train_set], cfg.rollout.max_new_tokens)
     if too_long:
@@ -252,13 +262,17 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
             done = counters["round"] == cfg.rounds
             if done or (cfg.eval.every and counters["round"] % cfg.eval.every == 0):
                 last_eval = run_eval()
+                if should_stop is not None and should_stop(last_eval):
+                    done = True
             if done or (cfg.checkpoint_every and counters["round"] % cfg.checkpoint_every == 0):
                 _checkpoint(run_dir, cfg, model, tokenizer, ref_model, optimizer, buffer, rngs, counters)
             bar.update(1)
             bar.set_postfix(reward=f"{rec['rollout/reward_mean']:.2f}",
                             acc=f"{last_eval.get('eval/accuracy', float('nan')):.2f}")
-            if interrupt.requested and not done:  # Ctrl-C: checkpoint the completed round, stop
-                if not (done or (cfg.checkpoint_every and counters["round"] % cfg.checkpoint_every == 0)):
+            if done:
+                break
+            if interrupt.requested:  # Ctrl-C: checkpoint the completed round, stop
+                if not (cfg.checkpoint_every and counters["round"] % cfg.checkpoint_every == 0):
                     _checkpoint(run_dir, cfg, model, tokenizer, ref_model, optimizer, buffer, rngs, counters)
                 bar.close()
                 logger.close()
