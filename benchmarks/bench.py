@@ -498,7 +498,8 @@ def plot(out: Path, summary: dict) -> None:
                             label=f"our GRPO after {summary['budget_answers']} answers")
         axes[0].set_xscale("log", base=2)
         axes[0].set_xlabel("K (updates per generation round)")
-        axes[0].set_ylabel("final test accuracy (%)")
+        n = len(load_raw(out, "k_sweep")["K=1"][0]["curve"]) - 1 if "K=1" in summary["k_sweep"] else "R"
+        axes[0].set_ylabel(f"test accuracy after {n} rounds (%)")
         axes[0].set_title("Full task")
         axes[0].legend(fontsize=8)
         axes[0].grid(alpha=0.3)
