@@ -166,7 +166,6 @@ def run_ours(spec: RunSpec) -> dict:
 
 def run_trl(spec: RunSpec) -> dict:
     """TRL's GRPOTrainer at our settings: same weights, prompts per round, reward and budget."""
-    import torch
     from datasets import Dataset
     from transformers import PrinterCallback, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
@@ -223,9 +222,8 @@ def run_trl(spec: RunSpec) -> dict:
     def record(step: int) -> None:
         t0 = time.perf_counter()
         seconds = t0 - timing["start"] - timing["eval"] if step else 0.0
-        with torch.no_grad():
-            acc = evaluate(trainer.model, tokenizer, [p.question for p in eval_set],
-                           [p.answer for p in eval_set], max_new_tokens=max_len)["accuracy"]
+        acc = evaluate(trainer.model, tokenizer, [p.question for p in eval_set],  # generate is no_grad
+                       [p.answer for p in eval_set], max_new_tokens=max_len)["accuracy"]
         rnd = step // spec.k
         curve.append({"round": rnd, "samples": rnd * P * G, "seconds": round(seconds, 3), "accuracy": acc})
         timing["eval"] += time.perf_counter() - t0
@@ -429,7 +427,8 @@ def summarise(out: Path) -> dict:
     }
     sweep = load_raw(out, "k_sweep")
     if sweep:
-        summary["k_sweep"] = {k: {"samples_to_target": [first_reaching(r["curve"], target, "samples") for r in rs],
+        summary["k_sweep"] = {k: {"rounds": len(rs[0]["curve"]) - 1,
+                                  "samples_to_target": [first_reaching(r["curve"], target, "samples") for r in rs],
                                   "final_accuracy": [r["curve"][-1]["accuracy"] for r in rs],
                                   "seconds": [round(r["curve"][-1]["seconds"], 1) for r in rs]}
                               for k, rs in sorted(sweep.items(), key=lambda kv: int(kv[0][2:]))}
@@ -496,13 +495,8 @@ def plot(out: Path, summary: dict) -> None:
         if grpo_final:
             axes[0].axhline(100 * mean(grpo_final), color="C3", ls="--",
                             label=f"our GRPO after {summary['budget_answers']} answers")
-        axes[0].set_xscale("log", base=2)
-        axes[0].set_xlabel("K (updates per generation round)")
-        n = len(load_raw(out, "k_sweep")["K=1"][0]["curve"]) - 1 if "K=1" in summary["k_sweep"] else "R"
-        axes[0].set_ylabel(f"test accuracy after {n} rounds (%)")
-        axes[0].set_title("Full task")
-        axes[0].legend(fontsize=8)
-        axes[0].grid(alpha=0.3)
+        rounds = next(iter(summary["k_sweep"].values()))["rounds"]
+        _k_axis(axes[0], f"test accuracy after {rounds} rounds (%)", "Full task")
     for i, (name, res) in enumerate(summary.get("one_prompt", {}).items()):
         cap = res["max_rounds"] + 1  # "never" drawn above the budget
         ks, ys = [], []
@@ -517,15 +511,19 @@ def plot(out: Path, summary: dict) -> None:
             axes[1].axhline(mean(r or cap for r in res["rounds_to_95"]["grpo"]), ls="--",
                             color=line[0].get_color(), label=f"GRPO, {name}")
     if summary.get("one_prompt"):
-        axes[1].set_xscale("log", base=2)
-        axes[1].set_xlabel("K (updates per generation round)")
-        axes[1].set_ylabel("rounds to a 95% score (mean over seeds)")
-        axes[1].set_title("One-prompt setting (never = budget + 1)")
-        axes[1].legend(fontsize=7)
-        axes[1].grid(alpha=0.3)
+        _k_axis(axes[1], "rounds to a 95% score (mean over seeds)", "One-prompt setting (never = budget + 1)")
     fig.tight_layout()
     fig.savefig(out / "k_sweep.png", dpi=100)
     plt.close(fig)
+
+
+def _k_axis(ax, ylabel: str, title: str) -> None:
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("K (updates per generation round)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
 
 
 def print_table(summary: dict) -> None:
