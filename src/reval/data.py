@@ -1,0 +1,338 @@
+"""Question/answer problems from your own data, for training and evaluation.
+
+    from reval.data import load_problems
+
+    problems = load_problems("data/train.jsonl")                       # {"question": ..., "answer": ...}
+    problems = load_problems("gsm8k_train.parquet", preset="gsm8k")    # answer "... #### 72" -> "72"
+    problems = load_problems("math.csv", preset="math")                # solution "... \\boxed{5}" -> "5"
+    problems = load_problems("openai/gsm8k:main", preset="gsm8k", split="test", limit=100)
+    problems = load_problems(my_dataset, question_field="prompt", answer_field="target")
+
+Each `Problem` holds the question and the reference final answer as a string, ready for a
+verifier. Where the data comes from:
+
+- a `.jsonl` / `.json` file of JSON lines, one object per line (blank lines are skipped); a
+  `.json` file holding one JSON array of objects also works;
+- a `.parquet` or `.csv` file (CSV cells are read as text, so "007" stays "007");
+- a directory written by `datasets`' `Dataset.save_to_disk` or `DatasetDict.save_to_disk`
+  (for a DatasetDict, `split` picks the split);
+- a `datasets.Dataset`, `DatasetDict` or `IterableDataset` already in memory;
+- any other string: a Hugging Face hub dataset id, "name" or "name:config"
+  (e.g. "openai/gsm8k:main"), loaded with `datasets.load_dataset(name, config, split=split)`.
+  A string that looks like a path (starts with "/", ".", "~", ends in a file suffix such as
+  .jsonl or .txt, or has more than one "/") is never sent to the hub: if it does not exist,
+  FileNotFoundError.
+
+A preset (`PRESETS`) names the question and answer fields and says how to get the final answer
+out of the raw answer field: "qa" (question/answer, as is), "gsm8k" (question/answer, the text
+after the last "####"), "math" (problem/solution, the last \\boxed{...}), "deepscaler" and
+"aime" (problem/answer, as is). `question_field` / `answer_field` override the preset's names.
+
+Bad rows (a missing field, an empty question, an answer that is not a string or number, no
+final answer to extract; for JSON lines also invalid UTF-8 or JSON, or not an object) raise
+ValueError naming the source, the first bad row and how many others there are. Rows are
+numbered from 1: for JSON lines the line number in the file, for CSV the data row (the header
+is not counted, a quoted cell spanning lines is one row), for everything else the row index + 1.
+With `skip_bad_rows=True` bad rows are skipped and a warning gives their count. `limit` keeps
+the first N usable problems; rows after those are not read, so not checked either.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from reval.tasks.math import last_boxed
+
+
+@dataclass(frozen=True)
+class Problem:
+    question: str
+    answer: str
+    """The reference final answer as a string, ready for a verifier (e.g. "18", "\\frac{1}{2}")."""
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A dataset schema: where the question and answer are, and how to get the final answer."""
+
+    question_field: str
+    answer_field: str
+    final_answer: Callable[[str], str | None]
+    """Raw answer text -> final answer, or None when the text has none."""
+    expects: str
+    """What `final_answer` looks for, for error messages."""
+
+
+def _as_is(text: str) -> str:
+    return text
+
+
+def _after_hashes(text: str) -> str | None:
+    # GSM8K solutions end with "#### 1,234"; the verifier wants the bare number.
+    if "####" not in text:
+        return None
+    return text.rsplit("####", 1)[1].strip().replace(",", "")
+
+
+PRESETS: dict[str, Preset] = {
+    "qa": Preset("question", "answer", _as_is, "an answer"),
+    "gsm8k": Preset("question", "answer", _after_hashes, "a final '#### <answer>' (GSM8K format)"),
+    "math": Preset("problem", "solution", last_boxed, "a \\boxed{...} answer (MATH format)"),
+    "deepscaler": Preset("problem", "answer", _as_is, "an answer"),
+    "aime": Preset("problem", "answer", _as_is, "an answer"),
+}
+
+FILE_FORMATS = {".jsonl": "JSON lines", ".json": "JSON lines", ".parquet": "Parquet", ".csv": "CSV"}
+# Suffixes that mark a string as a file name (hub ids rarely have one), supported or not.
+_FILE_SUFFIXES = {*FILE_FORMATS, ".txt", ".tsv", ".arrow", ".gz", ".zip", ".xlsx", ".yaml", ".yml"}
+
+_FIX = "fix the rows, choose --task.preset / field names, or pass skip_bad_rows"
+
+# (where the row is, e.g. "line 7" or "row 3"; the row, or what is wrong with it)
+Row = tuple[str, "dict[str, Any] | str"]
+
+
+def load_problems(source: Any, *, preset: str = "qa", question_field: str | None = None,
+                  answer_field: str | None = None, split: str = "train",
+                  limit: int | None = None, skip_bad_rows: bool = False) -> list[Problem]:
+    """Problems from a file, a saved or in-memory dataset, or a hub dataset id (see the module doc)."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be a positive number of problems (or None for all), got {limit}")
+    schema = PRESETS[preset]
+    q_field = question_field or schema.question_field
+    a_field = answer_field or schema.answer_field
+    name, rows = _open(source, split)
+    return _collect(name, rows, schema, q_field, a_field, limit, skip_bad_rows)
+
+
+# --- where the rows come from ----------------------------------------------------------------
+
+def _open(source: Any, split: str) -> tuple[str, Iterable[Row]]:
+    """A name for error messages and the rows of `source`."""
+    if isinstance(source, os.PathLike):
+        return _open_path(Path(source), split)
+    if isinstance(source, str):
+        if not source.strip():
+            raise ValueError("data source is an empty string; pass a file, directory or dataset id")
+        path = Path(source).expanduser()
+        if path.exists() or _looks_like_path(source):
+            return _open_path(path, split, name=source)
+        return _open_hub(source, split)
+    datasets = _import_datasets()
+    if isinstance(source, (datasets.DatasetDict, datasets.IterableDatasetDict)):
+        return _pick_split("dataset in memory", source, split)
+    if isinstance(source, (datasets.Dataset, datasets.IterableDataset)):
+        return "dataset in memory", _dataset_rows(source)
+    raise TypeError(f"cannot load problems from a {type(source).__name__}; pass a file path, "
+                    "a save_to_disk directory, a hub dataset id, or a datasets.Dataset/DatasetDict")
+
+
+def _looks_like_path(source: str) -> bool:
+    # Hub ids are "name" or "owner/name" with no file suffix; anything else is meant as a path.
+    return (source.startswith(("/", ".", "~")) or source.count("/") > 1 or "\\" in source
+            or Path(source).suffix.lower() in _FILE_SUFFIXES)
+
+
+def _open_path(path: Path, split: str, name: str | None = None) -> tuple[str, Iterable[Row]]:
+    name = name or str(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{name}: no such file or directory")
+    if path.is_dir():
+        return _open_saved(path, name, split)
+    suffix = path.suffix.lower()
+    if suffix not in FILE_FORMATS:
+        formats = ", ".join(f"{s} ({f})" for s, f in FILE_FORMATS.items())
+        raise ValueError(f"{name}: unsupported file type {suffix or '(no suffix)'!r}; use {formats}, "
+                         "or a directory written by datasets' save_to_disk")
+    if suffix == ".parquet":
+        return name, _parquet_rows(path, name)
+    if suffix == ".csv":
+        return name, _csv_rows(path, name)
+    if suffix == ".json" and _starts_with_array(path):
+        return name, _json_array_rows(path, name)
+    return name, _jsonl_rows(path)
+
+
+def _open_saved(path: Path, name: str, split: str) -> tuple[str, Iterable[Row]]:
+    datasets = _import_datasets()
+    try:
+        data = datasets.load_from_disk(str(path))
+    except FileNotFoundError as e:  # a directory, but not one save_to_disk wrote
+        raise ValueError(f"{name}: not a dataset directory written by save_to_disk ({e}); "
+                         "pass a .jsonl/.parquet/.csv file or a save_to_disk directory") from None
+    if isinstance(data, datasets.DatasetDict):
+        return _pick_split(name, data, split)
+    return name, _dataset_rows(data)
+
+
+def _open_hub(dataset_id: str, split: str) -> tuple[str, Iterable[Row]]:
+    datasets = _import_datasets()
+    repo, _, config = dataset_id.partition(":")
+    name = f"{dataset_id} (split {split!r})"
+    try:
+        data = datasets.load_dataset(repo, config or None, split=split)
+    except Exception as e:  # offline, no such dataset, no such config or split, ...
+        raise ValueError(f"{dataset_id!r} is not a local file or directory, and loading it as a "
+                         f"Hugging Face hub dataset (config {config or None!r}, split {split!r}) "
+                         f"failed: {type(e).__name__}: {e}") from e
+    return name, _dataset_rows(data)
+
+
+def _pick_split(name: str, data: Any, split: str) -> tuple[str, Iterable[Row]]:
+    if split not in data:
+        raise ValueError(f"{name}: no split {split!r}; available splits: {sorted(data)}; pick one with split")
+    return f"{name} (split {split!r})", _dataset_rows(data[split])
+
+
+def _dataset_rows(data: Any) -> Iterator[Row]:
+    for i, row in enumerate(data, start=1):
+        yield f"row {i}", row
+
+
+def _jsonl_rows(path: Path) -> Iterator[Row]:
+    # Read line by line ourselves so every error can name its line.
+    with open(path, "rb") as fh:
+        for n, raw in enumerate(fh, start=1):
+            if raw.strip():
+                yield f"line {n}", _json_object(raw, bom=n == 1)
+
+
+def _json_object(raw: bytes, bom: bool = False) -> dict[str, Any] | str:
+    try:
+        row = json.loads(raw.decode("utf-8-sig" if bom else "utf-8").rstrip())
+    except UnicodeDecodeError:
+        return "not valid UTF-8"
+    except json.JSONDecodeError as e:
+        return f"not valid JSON ({e.msg}, column {e.pos + 1})"  # one line, so pos is the column
+    if not isinstance(row, dict):
+        return f"expected a JSON object, got {_json_type(row)}"
+    return row
+
+
+def _json_type(value: Any) -> str:
+    names = {list: "an array", str: "a string", bool: "a boolean", type(None): "null",
+             int: "a number", float: "a number"}
+    return names.get(type(value), type(value).__name__)
+
+
+def _starts_with_array(path: Path) -> bool:
+    with open(path, "rb") as fh:
+        for raw in fh:
+            text = raw.lstrip(b"\xef\xbb\xbf").strip()
+            if text:
+                return text.startswith(b"[")
+    return False
+
+
+def _json_array_rows(path: Path, name: str) -> Iterator[Row]:
+    try:
+        items = json.loads(path.read_bytes().decode("utf-8-sig"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{name}: not valid UTF-8 (byte {e.start}); save the file as UTF-8") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{name}: line {e.lineno}: not valid JSON ({e.msg}, column {e.colno})") from None
+    if not isinstance(items, list):  # only reached if "[" was not the real start
+        raise ValueError(f"{name}: expected a JSON array of objects or JSON lines")
+    for i, item in enumerate(items, start=1):
+        bad = f"expected a JSON object, got {_json_type(item)}"
+        yield f"row {i}", item if isinstance(item, dict) else bad
+
+
+def _parquet_rows(path: Path, name: str) -> Iterator[Row]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        batches = pq.ParquetFile(path).iter_batches(batch_size=1024)
+    except (pa.ArrowException, OSError) as e:
+        raise ValueError(f"{name}: could not read as Parquet ({e})") from None
+    i = 0
+    for batch in batches:
+        for row in batch.to_pylist():
+            i += 1
+            yield f"row {i}", row
+
+
+def _csv_rows(path: Path, name: str) -> Iterator[Row]:
+    import pandas as pd
+
+    try:
+        # Every cell as text, empty cells as "" (not NaN), so answers keep their exact spelling.
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{name}: not valid UTF-8 (byte {e.start}); save the file as UTF-8") from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError) as e:
+        raise ValueError(f"{name}: could not read as CSV ({e})") from None
+    for i, row in enumerate(frame.to_dict("records"), start=1):
+        yield f"row {i}", row
+
+
+# --- from rows to problems -------------------------------------------------------------------
+
+def _collect(name: str, rows: Iterable[Row], schema: Preset, q_field: str, a_field: str,
+             limit: int | None, skip_bad_rows: bool) -> list[Problem]:
+    problems: list[Problem] = []
+    bad: list[str] = []
+    for where, row in rows:
+        problem = row if isinstance(row, str) else _problem(row, schema, q_field, a_field)
+        if isinstance(problem, str):
+            bad.append(f"{where}: {problem}")
+            continue
+        problems.append(problem)
+        if limit is not None and len(problems) == limit:
+            break
+    if bad and not skip_bad_rows:
+        others = f" (and {len(bad) - 1} more bad rows)" if len(bad) > 1 else ""
+        raise ValueError(f"{name}: {bad[0]}{others}; {_FIX}")
+    if not problems:
+        first = f" ({len(bad)} bad rows, first: {bad[0]})" if bad else ""
+        raise ValueError(f"{name}: no usable rows{first}")
+    if bad:
+        warnings.warn(f"{name}: skipped {len(bad)} bad rows (first: {bad[0]})", stacklevel=3)
+    return problems
+
+
+def _problem(row: dict[str, Any], schema: Preset, q_field: str, a_field: str) -> Problem | str:
+    """The problem in one row, or a string saying what is wrong with the row."""
+    missing = [f for f in dict.fromkeys((q_field, a_field)) if f not in row]
+    if missing:
+        names = " and ".join(repr(f) for f in missing)
+        return f"missing field{'s' if len(missing) > 1 else ''} {names} (fields: {sorted(row)})"
+    question, raw = row[q_field], row[a_field]
+    if not isinstance(question, str) or not question.strip():
+        return f"field {q_field!r} must be a non-empty string, got {_describe(question)}"
+    if isinstance(raw, bool) or not isinstance(raw, (str, int, float)):
+        return f"field {a_field!r} must be a string or number, got {_describe(raw)}"
+    if isinstance(raw, float) and not math.isfinite(raw):
+        return f"field {a_field!r} must be a finite number, got {raw}"
+    answer = schema.final_answer(str(raw))
+    if answer is None:
+        return f"field {a_field!r} has no final answer: expected {schema.expects}"
+    if not answer.strip():
+        return f"field {a_field!r} gives an empty answer"
+    return Problem(question, answer.strip())
+
+
+def _describe(value: Any) -> str:
+    """A short description of a bad value for error messages."""
+    if isinstance(value, str):
+        return "an empty string" if not value.strip() else repr(value)
+    return "null" if value is None else f"{type(value).__name__} {str(value)[:40]!r}"
+
+
+def _import_datasets() -> Any:
+    try:
+        import datasets
+    except ImportError:
+        raise ImportError("loading saved or hub datasets needs the `datasets` package: "
+                          "pip install datasets") from None
+    return datasets
