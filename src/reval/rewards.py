@@ -3,14 +3,22 @@
 A reward function is `f(completions: list[str], **dataset_columns) -> list[float | None]`,
 the same contract as TRL's `GRPOTrainer(reward_funcs=...)`, so functions can be shared.
 None means "cannot score this one": the answer is skipped, not counted as wrong.
+
+`REWARDS` names the built-in ones (`resolve_rewards` looks names up); `score` combines
+several with weights and a time limit; `time_limit` is the nestable, signal-based limit
+that `score` and the math rewards use.
 """
 
 from __future__ import annotations
 
+import signal
+import sys
 import threading
+import time
 from collections.abc import Callable, Sequence
 
 from reval.tasks.arithmetic import verify
+from reval.tasks.math import boxed_format_reward, math_verify_reward
 
 RewardFn = Callable[..., list]
 
@@ -22,25 +30,190 @@ def correctness_reward(completions: list[str], answer: list[str], **_) -> list[f
     return [1.0 if verify(c, a) else 0.0 for c, a in zip(completions, answer)]
 
 
+REWARDS: dict[str, RewardFn] = {
+    "arithmetic": correctness_reward,  # the embedded addition task (exact answer)
+    "math_verify": math_verify_reward,  # math data: boxed answer vs reference, via math-verify
+    "boxed_format": boxed_format_reward,  # shaping: 1 when the answer is boxed at all
+}
+
+
+def resolve_rewards(names: Sequence[str]) -> list[RewardFn]:
+    """The reward functions named in `names` (keys of `REWARDS`), in order.
+
+    Raises ValueError on an unknown name, and ImportError when a function's optional
+    dependency is missing (its `prepare()` imports it now, not inside a timed `score`).
+    """
+    unknown = [n for n in names if n not in REWARDS]
+    if unknown:
+        raise ValueError(f"unknown reward function(s) {', '.join(map(repr, unknown))}; "
+                         f"known: {', '.join(sorted(REWARDS))}")
+    fns = [REWARDS[n] for n in names]
+    for fn in fns:
+        prepare = getattr(fn, "prepare", None)
+        if callable(prepare):
+            prepare()
+    return fns
+
+
+# ---------------------------------------------------------------------------------------
+# time_limit: SIGALRM + ITIMER_REAL, nestable
+
+_REFIRE_S = 0.01  # after the deadline, interrupt again this often until the block exits
+_SLACK_S = 1e-3  # clock slack when deciding whether a SIGALRM is due
+
+
+class TimeLimitExceeded(TimeoutError):
+    """Raised in a `time_limit` block; `.limit` is the `TimeLimit` that raised it."""
+
+    def __init__(self, limit: TimeLimit):
+        super().__init__(f"time limit of {limit.seconds:g}s exceeded")
+        self.limit = limit
+
+
+def signals_usable() -> bool:
+    """True where `time_limit` works: a POSIX system (setitimer), on the main thread."""
+    return hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread()
+
+
+def _run_pending_signal_handlers() -> None:
+    """Does nothing; calling a Python function lets CPython run pending signal handlers."""
+
+
+class TimeLimit:
+    """The context manager `time_limit` returns; see there.
+
+    After the block, `expired` tells whether this limit's own deadline was reached while
+    the block ran (even if the block caught the TimeoutError and carried on).
+    """
+
+    def __init__(self, seconds: float | None):
+        self.seconds = seconds
+        self.expired = False
+        self._installed = False
+        self._done = False
+
+    @property
+    def active(self) -> bool:
+        """Whether a timer is armed for this block (False off the main thread, or for None)."""
+        return self._installed and not self._done
+
+    def __enter__(self) -> TimeLimit:
+        if self._installed:
+            raise RuntimeError("a TimeLimit can be entered only once; make a new one")
+        if self.seconds is None or not signals_usable():
+            return self
+        try:
+            self._arm()
+        except BaseException:  # an alarm (ours or an outer one) fired while arming
+            self._disarm()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        if self._installed and not self._done:
+            self._disarm()
+        return False
+
+    def _arm(self) -> None:
+        now = time.monotonic()  # read before getitimer: the outer deadline errs early
+        outer_delay, outer_interval = signal.getitimer(signal.ITIMER_REAL)
+        self._prev_handler = signal.getsignal(signal.SIGALRM)
+        self._outer_deadline = now + outer_delay if outer_delay > 0 else None
+        self._outer_interval = outer_interval
+        self._deadline = now + max(float(self.seconds), 0.0)
+        self._fire_at = min(self._deadline, self._outer_deadline or float("inf"))
+        self._installed = True
+        signal.signal(signal.SIGALRM, self._on_alarm)
+        signal.setitimer(signal.ITIMER_REAL, max(self._fire_at - time.monotonic(), 1e-6))
+
+    def _on_alarm(self, signum, frame) -> None:
+        if self._done:  # a stale signal that arrived as the block finished
+            return
+        now = time.monotonic()
+        if now + _SLACK_S < self._fire_at:  # early or stray SIGALRM: wait for the rest
+            signal.setitimer(signal.ITIMER_REAL, self._fire_at - now)
+            return
+        if now + _SLACK_S >= self._deadline:
+            self.expired = True
+        # (else the outer deadline came first: interrupt this block; on exit, the outer fires)
+        # Code that catches Exception (sympy, math-verify) may swallow the error: fire again.
+        signal.setitimer(signal.ITIMER_REAL, _REFIRE_S)
+        raise TimeLimitExceeded(self)
+
+    def _disarm(self) -> None:
+        self._done = True  # from here on our handler ignores late signals
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        _run_pending_signal_handlers()  # a signal already delivered runs (and is ignored) now
+        prev = self._prev_handler
+        signal.signal(signal.SIGALRM, prev if prev is not None else signal.SIG_DFL)
+        if self._outer_deadline is None:
+            return
+        remaining = self._outer_deadline - time.monotonic()
+        if remaining > 0:
+            signal.setitimer(signal.ITIMER_REAL, remaining, self._outer_interval)
+        elif callable(prev):  # the outer deadline passed inside this block: fire it now
+            if self._outer_interval > 0:
+                signal.setitimer(signal.ITIMER_REAL, self._outer_interval, self._outer_interval)
+            prev(signal.SIGALRM, sys._getframe())
+        else:  # SIG_DFL / SIG_IGN: let the kernel deliver it, as the outer timer would have
+            signal.setitimer(signal.ITIMER_REAL, 1e-6, self._outer_interval)
+
+
+def time_limit(seconds: float | None) -> TimeLimit:
+    """Context manager: raise `TimeoutError` (a `TimeLimitExceeded`) in the block after `seconds`.
+
+    Works on the main thread of a POSIX system, with `signal.setitimer(ITIMER_REAL)` and a
+    SIGALRM handler, so it interrupts pure-Python work (sympy, a loop) and leaks nothing;
+    C code that never returns to the interpreter cannot be interrupted. Off the main
+    thread, where signals cannot be used, and with `seconds` None, it does nothing.
+
+    Nestable: on entry it reads the pending outer timer (`signal.getitimer`; another
+    `time_limit`, or any SIGALRM timer such as `signal.alarm`) and arms the earlier of the
+    two deadlines; on exit it restores the outer handler and re-arms the outer timer with
+    what is left of it. If the outer deadline passed inside the block, the block gets a
+    TimeoutError and the outer handler then runs at once, so the outer block gets its
+    TimeoutError too. Code inside must not arm SIGALRM timers of its own without restoring
+    them (math-verify's built-in timeouts cancel the outer timer: turn them off).
+
+    Once the deadline has passed the error is raised again every 10 ms until the block
+    exits, so code that catches `Exception` and carries on (sympy, math-verify do) is
+    still stopped; `limit.expired` says afterwards whether this limit's deadline was hit::
+
+        with time_limit(5) as limit:
+            ...
+        if limit.expired: ...
+    """
+    return TimeLimit(seconds)
+
+
+# ---------------------------------------------------------------------------------------
+# score
+
+
 def score(reward_fns: Sequence[RewardFn], completions: list[str], columns: dict[str, list],
           weights: Sequence[float] | None = None,
           timeout: float | None = None) -> tuple[list[float | None], int]:
     """Weighted sum of several reward functions; returns `(rewards, num_failures)`.
 
-    A function that raises, hangs past `timeout` seconds, returns the wrong number of
+    A function that raises, runs past `timeout` seconds, returns the wrong number of
     values or a non-number marks the affected answers None (skipped) and counts a
-    failure, instead of crashing or stalling the run. A timed-out call keeps running in
-    its (daemon) thread: Python cannot kill a thread, so a reward function that can hang
-    for ever should enforce its own limit too.
+    failure, instead of crashing or stalling the run. On the main thread (POSIX) each call
+    runs under `time_limit(timeout)`, which interrupts it; elsewhere it runs in a daemon
+    thread that is abandoned on timeout (Python cannot kill a thread, so a function that
+    can hang for ever keeps running there: it should enforce its own limit too).
     """
     weights = list(weights) if weights is not None else [1.0] * len(reward_fns)
     total: list[float | None] = [0.0] * len(completions)
     failures = 0
     for fn, w in zip(reward_fns, weights):
         try:
-            values = list(_call(fn, completions, columns, timeout))
+            values = _call(fn, completions, columns, timeout)
             if len(values) != len(completions):
                 raise ValueError(f"returned {len(values)} rewards for {len(completions)} completions")
+        except TimeLimitExceeded as e:
+            if e.limit.active:  # a time_limit around score() ran out: not this function's fault
+                raise
+            values = [None] * len(completions)
         except Exception:  # noqa: BLE001 - user code; a failure must not kill the run
             values = [None] * len(completions)
         for i, v in enumerate(values):
@@ -53,14 +226,21 @@ def score(reward_fns: Sequence[RewardFn], completions: list[str], columns: dict[
     return total, failures
 
 
-def _call(fn: RewardFn, completions: list[str], columns: dict, timeout: float | None):
+def _call(fn: RewardFn, completions: list[str], columns: dict, timeout: float | None) -> list:
     if timeout is None:
-        return fn(completions, **columns)
+        return list(fn(completions, **columns))
+    if signals_usable():
+        limit = time_limit(timeout)
+        with limit:
+            values = list(fn(completions, **columns))
+        if limit.expired:  # it caught the TimeoutError and returned late: do not trust it
+            raise TimeoutError(f"reward function {getattr(fn, '__name__', fn)!r} took over {timeout}s")
+        return values
     result: dict = {}
 
     def target():
         try:
-            result["value"] = fn(completions, **columns)
+            result["value"] = list(fn(completions, **columns))
         except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
             result["error"] = e
 
