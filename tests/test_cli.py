@@ -67,8 +67,9 @@ def test_eval_command(tiny_dir, tmp_path):
     data = tmp_path / "data.jsonl"
     data.write_text('{"question": "What is 2+2?", "answer": "4"}\n{"question": "1+1?", "answer": 2}\n')
     out = tmp_path / "res.json"
-    reval("eval", "--model", tiny_dir, "--data", data, "--out", out)
-    res = json.loads(out.read_text())
+    proc = reval("eval", "--model", tiny_dir, "--data", data, "--out", out)
+    res = json.loads(out.read_text())["data"]
+    assert "benchmark" in proc.stderr and "data" in proc.stderr  # the per-benchmark table
     assert len(res["items"]) == 2
     assert res["accuracy"] == sum(i["correct"] for i in res["items"]) / 2
     assert res["items"][1]["answer"] == "2" and "completion" in res["items"][0]
@@ -83,7 +84,7 @@ def test_shipped_model_eval_on_test_split(tmp_path):
                             for p in split("test", 200)))
     out = tmp_path / "res.json"
     reval("eval", "--data", data, "--out", out)
-    acc = json.loads(out.read_text())["accuracy"]
+    acc = json.loads(out.read_text())["test"]["accuracy"]
     assert 0.10 <= acc <= 0.50, acc
 
 
@@ -112,31 +113,12 @@ def test_demo_writes_summary_and_plot(tiny_dir, tmp_path):
     assert "final acc" in proc.stdout
 
 
-@pytest.mark.parametrize("line,problem", [
-    (b'{"answer": "2"}', "missing field 'question'"),
-    (b'{"question": "", "answer": "2"}', "field 'question' must be a non-empty string"),
-    (b'{"question": 5, "answer": "2"}', "field 'question' must be a non-empty string"),
-    (b'{"question": "q", "answer": [2]}', "field 'answer' must be a string or number"),
-    (b'{"question": "q\xff", "answer": "2"}', "not valid UTF-8"),
-    (b'{"question": "q", ', "not valid JSON"),
-    (b'[1, 2]', "expected a JSON object, got list"),
-])
-def test_bad_rows_named_or_skipped(tmp_path, line, problem):
-    from reval.cli import load_jsonl
-
-    data = tmp_path / "bad.jsonl"
-    data.write_bytes(b'{"question": "ok", "answer": "1"}\n' + line + b"\n")
-    with pytest.raises(ValueError, match=re.escape(f"{data}:2: {problem}")):
-        load_jsonl(data)
-    assert load_jsonl(data, skip_bad_rows=True) == (["ok"], ["1"], 1)
-
-
 def test_eval_command_bad_rows(tiny_dir, tmp_path):
     data = tmp_path / "bad.jsonl"
     data.write_text('{"question": "ok", "answer": "1"}\n{"answer": "2"}\n{"question": ""}\n')
     proc = reval("eval", "--model", tiny_dir, "--data", data, check=False)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
-    assert f"{data}:2: missing field 'question'" in proc.stderr and "(and 1 more bad rows)" in proc.stderr
+    assert f"{data}: line 2: missing field 'question'" in proc.stderr and "(and 1 more bad rows)" in proc.stderr
     proc = reval("eval", "--model", tiny_dir, "--data", data, "--skip-bad-rows")
     assert "skipped 2 bad rows" in proc.stderr and '"n": 1' in proc.stdout
 
@@ -148,7 +130,7 @@ def test_eval_prompt_longer_than_context(tiny_dir, tmp_path):
     proc = reval("eval", "--model", tiny_dir, "--data", data, check=False)
     assert proc.returncode != 0 and "question 1 is" in proc.stderr and "exceeds the model's context" in proc.stderr
     proc = reval("eval", "--model", tiny_dir, "--data", data, "--skip-bad-rows")
-    assert "skipped 1 bad rows" in proc.stderr and '"n": 1' in proc.stdout
+    assert "skipped 1 prompts longer than the context" in proc.stderr and '"n": 1' in proc.stdout
 
 
 def test_train_refuses_to_mix_two_runs_in_one_directory(tiny_dir, tmp_path):

@@ -24,9 +24,9 @@ def _spy_run(monkeypatch, tiny_dir, tmp_path, algo="reval", **overrides):
     seen = []
     real_update = train_mod.update
 
-    def spy(model, ref, opt, batch, cfg, old_logp=None):
+    def spy(policy, ref, opt, batch, *args, **kwargs):
         seen.append(batch)
-        return real_update(model, ref, opt, batch, cfg, old_logp)
+        return real_update(policy, ref, opt, batch, *args, **kwargs)
 
     monkeypatch.setattr(train_mod, "update", spy)
     cfg = TrainConfig(algo=algo, rounds=3, out=tmp_path / "run", progress=False, checkpoint_every=0)

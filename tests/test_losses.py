@@ -8,8 +8,10 @@ import torch
 
 from reval.buffer import collate
 from reval.config import TrainConfig
+from reval.distributed import LogProbModule
 from reval.logprobs import sequence_logprobs
 from reval.losses import ALGORITHMS, grpo_advantage, grpo_loss, reval_loss, tbrm_loss
+from reval.reference import Reference
 from reval.rewards import shape_reward
 from reval.rollout import Experience
 from reval.train import update
@@ -152,7 +154,7 @@ def test_micro_batch_does_not_change_the_update(tiny, algo):
                 noise = torch.randn(batch.response_mask.shape, generator=torch.Generator().manual_seed(0))
                 old = sequence_logprobs(m, batch)[0] + 0.1 * noise * batch.response_mask
         before = [p.detach().clone() for p in m.parameters()]
-        metrics = update(m, ref, opt, batch, cfg, old)
+        metrics = update(LogProbModule(m), Reference(m, ref), opt, batch, cfg, old)
         grads.append([b - p.detach() for b, p in zip(before, m.parameters())])
         assert metrics["perf/skipped"] == 0.0
     for a, b in zip(*grads):

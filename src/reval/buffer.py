@@ -70,6 +70,9 @@ class Batch:
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
+    def to(self, device) -> "Batch":
+        return Batch(**{k: v.to(device) for k, v in vars(self).items()})
+
     def slice(self, start: int, stop: int) -> "Batch":
         """Rows start:stop, trimmed to their own longest sequence (micro-batching)."""
         rows = {k: v[start:stop] for k, v in vars(self).items()}

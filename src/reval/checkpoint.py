@@ -36,18 +36,22 @@ def _fsync_tree(path: Path) -> None:
 
 
 def save_checkpoint(run_dir: Path, round_: int, *, model, tokenizer, ref_model, state: dict,
-                    keep: int = 2) -> Path:
-    """Write checkpoint `round_` atomically; keep only the newest `keep` complete ones."""
+                    keep: int = 2, model_state_dict: dict | None = None) -> Path:
+    """Write checkpoint `round_` atomically; keep only the newest `keep` complete ones.
+
+    `ref_model` is anything with `save(directory)` (a `Reference`) or a HF model, or None.
+    `model_state_dict` replaces the model's own (full weights gathered from FSDP / ZeRO-3 shards).
+    """
     root = run_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{round_:06d}"
-    tmp = root / f".tmp-{PREFIX}{round_:06d}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = staging_dir(run_dir, round_)
+    tmp.mkdir(exist_ok=True)  # prepared empty by `clear_staging`; other ranks may have written to it
     try:
-        model.save_pretrained(tmp / "model")
+        model.save_pretrained(tmp / "model", **({"state_dict": model_state_dict} if model_state_dict else {}))
         tokenizer.save_pretrained(tmp / "model")
         if ref_model is not None:
-            ref_model.save_pretrained(tmp / "reference")
+            (ref_model.save if hasattr(ref_model, "save") else ref_model.save_pretrained)(tmp / "reference")
         torch.save(state, tmp / "state.pt")
         _fsync_tree(tmp)
     except (OSError, RuntimeError) as e:  # disk full, permissions: keep the old checkpoints
@@ -63,6 +67,19 @@ def save_checkpoint(run_dir: Path, round_: int, *, model, tokenizer, ref_model, 
     for old in list_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def staging_dir(run_dir: Path, round_: int) -> Path:
+    """The temporary directory a checkpoint is assembled in (one name for all ranks)."""
+    return Path(run_dir) / "checkpoints" / f".tmp-{PREFIX}{round_:06d}"
+
+
+def clear_staging(run_dir: Path, round_: int) -> Path:
+    """Empty the staging directory (leftovers of a crashed save) and return it."""
+    tmp = staging_dir(run_dir, round_)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:

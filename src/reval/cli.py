@@ -1,7 +1,7 @@
 """The `reval` command: train, eval, demo, pretrain.
 
-    reval train [--config FILE.json] [--resume DIR] [--algo reval|tbrm|grpo] [--loss.beta ...]
-    reval eval --model DIR --data FILE.jsonl [--out FILE.json]
+    reval train [--config FILE.yaml|PRESET] [--resume DIR] [--algo reval|tbrm|grpo] [--loss.beta ...]
+    reval eval --model DIR --data BENCH1.jsonl BENCH2.parquet --samples 16 --limit 100
     reval demo [--out DIR]
     reval pretrain [--out DIR]
 
@@ -11,6 +11,7 @@ Each subcommand's flags come from its dataclass (`reval <cmd> --help`).
 from __future__ import annotations
 
 import json
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ import tyro
 USAGE = """usage: reval {train,eval,demo,pretrain} [--help]
 
   train     train with ReVal, TBRM or GRPO (reval train --help)
-  eval      evaluate a model on a JSONL file of question/answer rows
+  eval      evaluate a model on benchmark files: greedy accuracy and avg@k, one row each
   demo      ReVal vs GRPO from the shipped model, table + plot, a few minutes on a CPU
   pretrain  rebuild the shipped warm-start model
 """
@@ -28,72 +29,43 @@ USAGE = """usage: reval {train,eval,demo,pretrain} [--help]
 
 @dataclass
 class EvalArgs:
-    data: Path
-    """JSONL file; each line an object with a question and an answer field."""
+    data: tuple[str, ...]
+    """Benchmarks: JSONL / Parquet / CSV files, save_to_disk directories or hub ids; one row each."""
     model: str | None = None
-    """Model directory; None uses the shipped warm-start model."""
+    """Model directory or hub id; None uses the shipped warm-start model."""
     out: Path | None = None
-    """Write accuracy and per-item results to this JSON file."""
+    """Write per-benchmark results and per-item completions to this JSON file."""
     samples: int = 0
-    """Also report mean accuracy over this many sampled answers per question."""
+    """k of avg@k: sampled answers per question (the paper: 16)."""
+    greedy: bool = True
+    """Also report greedy accuracy (one answer per question)."""
+    limit: int | None = None
+    """Problems per benchmark, the first ones (the paper caps each at 100)."""
     max_new_tokens: int = 64
     """Generation length limit."""
-    question_field: str = "question"
-    """Name of the question field in each row."""
-    answer_field: str = "answer"
-    """Name of the answer field in each row."""
+    temperature: float = 1.0
+    """Sampling temperature for avg@k."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold for avg@k."""
+    preset: str = "qa"
+    """Row schema: qa, gsm8k, math, deepscaler, aime (reval.data.PRESETS)."""
+    question_field: str | None = None
+    """Override the preset's question field."""
+    answer_field: str | None = None
+    """Override the preset's answer field."""
+    prompt: str = "auto"
+    """Prompt preset (plain, paper, question) or a format string with {question};
+    auto: paper with a chat template, plain without."""
+    chat_template: str = "auto"
+    """Wrap prompts in the tokenizer's chat template: auto, on, off."""
+    reward: str = "auto"
+    """Verifier from reval.rewards.REWARDS; auto: arithmetic for the shipped model, else math_verify."""
+    dtype: str = "float32"
+    """Weights dtype: float32 or bfloat16."""
+    backend: str = "hf"
+    """hf (generate) or vllm (optional extra, CUDA)."""
     skip_bad_rows: bool = False
-    """Skip (and count) bad rows instead of stopping at the first one."""
-
-
-def load_jsonl(path: Path, question_field: str = "question", answer_field: str = "answer",
-               skip_bad_rows: bool = False) -> tuple[list[str], list[str], int]:
-    """Read `(questions, answers, num_skipped)` from a JSONL file.
-
-    A bad row (invalid UTF-8 or JSON, not an object, a missing field, an empty question,
-    an answer that is not a string or number) raises ValueError naming the file and line,
-    unless `skip_bad_rows`, which skips it and counts it.
-    """
-    if not path.is_file():
-        raise FileNotFoundError(f"data file {path} does not exist")
-    questions, answers, errors = [], [], []
-    with open(path, "rb") as fh:
-        for n, raw in enumerate(fh, start=1):
-            if not raw.strip():
-                continue
-            problem = _row_problem(raw, question_field, answer_field)
-            if isinstance(problem, str):
-                errors.append(f"{path}:{n}: {problem}")
-                continue
-            questions.append(problem[0])
-            answers.append(problem[1])
-    if errors and not skip_bad_rows:
-        more = f" (and {len(errors) - 1} more bad rows)" if len(errors) > 1 else ""
-        raise ValueError(f"{errors[0]}{more}; fix the rows or pass --skip-bad-rows")
-    if not questions:
-        raise ValueError(f"{path}: no usable rows")
-    return questions, answers, len(errors)
-
-
-def _row_problem(raw: bytes, question_field: str, answer_field: str) -> tuple[str, str] | str:
-    """The (question, answer) of one JSONL line, or a string saying what is wrong with it."""
-    try:
-        row = json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError:
-        return "not valid UTF-8"
-    except json.JSONDecodeError as e:
-        return f"not valid JSON ({e.msg})"
-    if not isinstance(row, dict):
-        return f"expected a JSON object, got {type(row).__name__}"
-    for f in (question_field, answer_field):
-        if f not in row:
-            return f"missing field {f!r} (fields: {sorted(row)})"
-    q, a = row[question_field], row[answer_field]
-    if not isinstance(q, str) or not q.strip():
-        return f"field {question_field!r} must be a non-empty string"
-    if not isinstance(a, (str, int, float)) or isinstance(a, bool):
-        return f"field {answer_field!r} must be a string or number"
-    return q, str(a)
+    """Skip (and count) bad rows and too-long prompts instead of stopping at the first one."""
 
 
 def _train(argv: list[str]) -> None:
@@ -111,13 +83,13 @@ def _train(argv: list[str]) -> None:
         base = TrainConfig.from_dict(_read_config(run_dir / "config.json"))
         base.out, resume = run_dir, True
     if config_path:
-        if not config_path.is_file():
-            raise ValueError(f"--config {config_path}: file not found")
+        config_path = _preset_or_path(config_path)
         base = TrainConfig.from_dict(_read_config(config_path))
     cfg = tyro.cli(TrainConfig, default=base, args=argv, prog="reval train",
                    description="Train with ReVal, TBRM or GRPO. Also: --config FILE, --resume DIR.")
     result = train(cfg, resume=resume)
-    print(json.dumps({k: v for k, v in result.items() if not isinstance(v, list)}, indent=2))
+    if int(os.environ.get("RANK", "0")) == 0:  # one summary under accelerate launch / torchrun
+        print(json.dumps({k: v for k, v in result.items() if not isinstance(v, list)}, indent=2))
 
 
 def _pop_flag(argv: list[str], flag: str) -> Path | None:
@@ -130,6 +102,19 @@ def _pop_flag(argv: list[str], flag: str) -> Path | None:
     value = argv[i + 1]
     del argv[i:i + 2]
     return Path(value)
+
+
+def _preset_or_path(path: Path) -> Path:
+    """A config file, or the name of a shipped preset (reval/presets/NAME.yaml)."""
+    from importlib import resources
+
+    if path.is_file():
+        return path
+    preset = Path(str(resources.files("reval") / "presets" / f"{path}.yaml"))
+    if preset.is_file() and path.parent == Path("."):
+        return preset
+    names = sorted(p.stem for p in preset.parent.glob("*.yaml"))
+    raise ValueError(f"--config {path}: no such file, nor a preset (presets: {', '.join(names)})")
 
 
 def _read_config(path: Path) -> dict:
@@ -147,33 +132,78 @@ def _read_config(path: Path) -> dict:
 
 
 def _eval(argv: list[str]) -> None:
+    import torch
+
+    from reval.data import load_problems
     from reval.evaluate import evaluate
-    from reval.model import default_model_path, load_model, prompts_too_long
+    from reval.model import (default_model_path, eos_token_ids, load_model, prompts_too_long,
+                             resolve_template, use_chat_template)
+    from reval.rewards import resolve_rewards
 
     args = tyro.cli(EvalArgs, args=argv, prog="reval eval")
-    questions, answers, skipped = load_jsonl(args.data, args.question_field, args.answer_field,
-                                             args.skip_bad_rows)
-    model, tokenizer = load_model(args.model or default_model_path())
-    too_long = prompts_too_long(model, tokenizer, questions, args.max_new_tokens)
-    if too_long and not args.skip_bad_rows:
-        i, n = too_long[0]
-        raise ValueError(f"{args.data}: question {i + 1} is {n} tokens; with max_new_tokens="
-                         f"{args.max_new_tokens} it exceeds the model's context of "
-                         f"{model.config.max_position_embeddings} ({len(too_long)} such rows); "
-                         "shorten it or pass --skip-bad-rows")
-    drop = {i for i, _ in too_long}
-    questions = [q for i, q in enumerate(questions) if i not in drop]
-    answers = [a for i, a in enumerate(answers) if i not in drop]
-    if skipped or drop:
-        print(f"skipped {skipped + len(drop)} bad rows", file=sys.stderr)
-    if not questions:
-        raise ValueError(f"{args.data}: no usable rows")
-    res = evaluate(model, tokenizer, questions, answers, samples=args.samples,
-                   max_new_tokens=args.max_new_tokens, keep_items=True)
-    print(json.dumps({k: v for k, v in res.items() if k != "items"} | {"n": len(questions)}, indent=2))
+    if args.dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"--dtype {args.dtype!r}: choose float32 or bfloat16")
+    model_path = args.model or default_model_path()
+    model, tokenizer = load_model(model_path, getattr(torch, args.dtype))
+    if torch.cuda.is_available():
+        model.cuda()
+    chat = use_chat_template(tokenizer, args.chat_template)
+    template = resolve_template(args.prompt if args.prompt != "auto" else "paper" if chat else "plain")
+    verifier = resolve_rewards([args.reward if args.reward != "auto"
+                                else "arithmetic" if args.model is None else "math_verify"])[0]
+    generator = None
+    if args.backend == "vllm":
+        from reval.rollout_vllm import VLLMGenerator
+
+        generator = VLLMGenerator(str(model_path), tokenizer, dtype=args.dtype,
+                                  eos_token_ids=eos_token_ids(model, tokenizer))
+    results = {}
+    for source in args.data:
+        name = Path(source.split(":")[0]).stem
+        problems = load_problems(source, preset=args.preset, question_field=args.question_field,
+                                 answer_field=args.answer_field, split="test", limit=args.limit,
+                                 skip_bad_rows=args.skip_bad_rows)
+        too_long = prompts_too_long(model, tokenizer, [p.question for p in problems], args.max_new_tokens,
+                                    template, chat)
+        if too_long and not args.skip_bad_rows:
+            i, n = too_long[0]
+            raise ValueError(f"{source}: question {i + 1} is {n} tokens; with max_new_tokens="
+                             f"{args.max_new_tokens} it exceeds the model's context of "
+                             f"{model.config.max_position_embeddings} ({len(too_long)} such rows); "
+                             "shorten it or pass --skip-bad-rows")
+        if too_long:
+            print(f"{source}: skipped {len(too_long)} prompts longer than the context", file=sys.stderr)
+            drop = {i for i, _ in too_long}
+            problems = [p for i, p in enumerate(problems) if i not in drop]
+        if not problems:
+            raise ValueError(f"{source}: no usable rows")
+        res = evaluate(model, tokenizer, [p.question for p in problems], [p.answer for p in problems],
+                       samples=args.samples, greedy=args.greedy, max_new_tokens=args.max_new_tokens,
+                       temperature=args.temperature, top_p=args.top_p, template=template, chat=chat,
+                       verifier=verifier, eos_token_ids=eos_token_ids(model, tokenizer),
+                       generator=generator, keep_items=True)
+        results[name if name not in results else source] = {**res, "n": len(problems)}
+    _print_eval_table(results)
+    summary = {k: {m: v for m, v in r.items() if m != "items"} for k, r in results.items()}
+    print(json.dumps(summary, indent=2))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(res, indent=2) + "\n")
+        args.out.write_text(json.dumps(results, indent=2) + "\n")
+
+
+def _print_eval_table(results: dict[str, dict]) -> None:
+    """One row per benchmark and their average, as the paper reports them (percent)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    metrics = [m for m in next(iter(results.values())) if m not in ("items", "n")]
+    table = Table("benchmark", "problems", *metrics)
+    for name, r in results.items():
+        table.add_row(name, str(r["n"]), *(f"{100 * r[m]:.1f}" for m in metrics))
+    if len(results) > 1:
+        table.add_row("average", "", *(f"{100 * sum(r[m] for r in results.values()) / len(results):.1f}"
+                                       for m in metrics))
+    Console(stderr=True).print(table)
 
 
 def _demo(argv: list[str]) -> None:

@@ -27,14 +27,52 @@ class ModelConfig:
     """Weights dtype. Logits are projected in this dtype, then log-probs and the loss are float32."""
     logprob_chunk: int | None = None
     """Positions per chunk of the vocabulary projection (memory knob for big vocabularies)."""
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    """Autocast the forward (accelerate). With float32 weights this keeps fp32 master weights,
+    which small learning rates such as the paper's 1e-6 need (bf16 weights round them away)."""
+    gradient_checkpointing: bool = False
+    """Recompute decoder activations in backward (memory knob for long answers)."""
+    attn_implementation: str | None = None
+    """Attention kernel passed to from_pretrained ("sdpa", "flash_attention_2", ...); None: default."""
+    chat_template: Literal["auto", "on", "off"] = "auto"
+    """Wrap prompts in the tokenizer's chat template; auto: when the tokenizer has one."""
+    lora_rank: int = 0
+    """LoRA rank (peft); 0 trains all weights. With LoRA the reference is the base model
+    with the adapter disabled, so no second copy of the weights is held."""
+    lora_alpha: float = 32.0
+    """LoRA scaling numerator (delta = alpha / rank * B @ A)."""
+    lora_target_modules: str = "all-linear"
+    """Modules that get an adapter: "all-linear" or a comma-separated list of names."""
 
 
 @dataclass
 class TaskConfig:
+    data: str | None = None
+    """Training data (JSONL / Parquet / CSV file, `save_to_disk` directory or hub id[:config]);
+    None: the embedded addition task."""
+    preset: Literal["qa", "gsm8k", "math", "deepscaler", "aime"] = "qa"
+    """Schema of `data` and `eval_data` (field names and how the final answer is written)."""
+    question_field: str | None = None
+    """Override the preset's question field."""
+    answer_field: str | None = None
+    """Override the preset's answer field."""
+    eval_data: tuple[str, ...] = ()
+    """Benchmark files evaluated during training (same preset); with `data` and none given,
+    only the training reward is logged."""
+    eval_limit: int | None = 100
+    """Problems per benchmark in `eval_data` (the paper caps each at 100)."""
+    prompt: str = "auto"
+    """Prompt preset ("plain", "paper", "question") or a format string with {question};
+    auto: "plain" for the embedded task, "paper" for math data."""
+    rewards: tuple[str, ...] = ()
+    """Reward functions from `reval.rewards.REWARDS`, summed with `reward_weights`; empty:
+    "arithmetic" for the embedded task, "math_verify" for data. The first one also scores eval."""
+    reward_weights: tuple[float, ...] = ()
+    """One weight per reward function; empty: all 1."""
     digits: int = 3
-    """Difficulty: numbers have 2 to `digits` digits."""
+    """Embedded task: numbers have 2 to `digits` digits."""
     num_train: int = 20_000
-    """Training prompts to draw rounds from."""
+    """Embedded task: training prompts to draw rounds from."""
     num_validation: int = 200
     """Validation problems (for tuning)."""
     num_test: int = 200
@@ -57,6 +95,13 @@ class RolloutConfig:
     """Answers that reach this without EOS are marked truncated."""
     reward_timeout: float = 30.0
     """Seconds a reward function may take per call before its answers are skipped."""
+    backend: Literal["hf", "vllm"] = "hf"
+    """Sampler: HF generate, or vLLM (optional extra, CUDA) with weights pushed after updates."""
+    sync_every: int = 1
+    """Push the policy's weights to the sampler every N rounds (N > 1: rollouts may come from
+    a policy up to N - 1 rounds stale; the HF backend then samples from its own copy)."""
+    vllm_gpu_memory_utilization: float = 0.5
+    """vLLM: fraction of GPU memory for its weights and KV cache (colocated with training)."""
 
 
 @dataclass
@@ -145,7 +190,13 @@ class TrainConfig:
 
     @property
     def run_dir(self) -> Path:
-        return self.out or Path("runs") / f"add{self.task.digits}-{self.algo}-s{self.seed}"
+        return self.out or Path("runs") / f"{self.task_name}-{self.algo}-s{self.seed}"
+
+    @property
+    def task_name(self) -> str:
+        if self.task.data is None:
+            return f"add{self.task.digits}"
+        return Path(self.task.data.split(":")[0]).stem.replace("/", "-") or "data"
 
     def validate(self) -> "TrainConfig":
         """Raise ValueError naming the field and the allowed range for impossible values."""
@@ -180,6 +231,15 @@ class TrainConfig:
             ("eval.samples", self.eval.samples >= 0, ">= 0"),
             ("checkpoint_every", self.checkpoint_every >= 0, ">= 0"),
             ("rollout.reward_timeout", self.rollout.reward_timeout > 0, "> 0"),
+            ("rollout.sync_every", self.rollout.sync_every >= 1, ">= 1"),
+            ("rollout.vllm_gpu_memory_utilization", 0 < self.rollout.vllm_gpu_memory_utilization < 1,
+             "in (0, 1)"),
+            ("model.lora_rank", self.model.lora_rank >= 0, ">= 0 (0 = full fine-tuning)"),
+            ("model.lora_alpha", self.model.lora_alpha > 0, "> 0"),
+            ("task.eval_limit", self.task.eval_limit is None or self.task.eval_limit >= 1, ">= 1 (or unset)"),
+            ("task.reward_weights", not self.task.reward_weights
+             or len(self.task.reward_weights) == len(self.task.rewards),
+             f"one weight per reward in task.rewards ({len(self.task.rewards)})"),
             ("optim.max_bad_updates", self.optim.max_bad_updates >= 1, ">= 1"),
             ("keep_checkpoints", self.keep_checkpoints >= 1, ">= 1"),
         ]
@@ -197,7 +257,9 @@ class TrainConfig:
         would silently mix two different experiments.
         """
         mutable = ("rounds", "out", "progress", "checkpoint_every", "keep_checkpoints", "eval.",
-                   "optim.micro_batch_size", "model.logprob_chunk", "rollout.reward_timeout")
+                   "optim.micro_batch_size", "model.logprob_chunk", "rollout.reward_timeout",
+                   "model.gradient_checkpointing", "model.attn_implementation", "task.eval_data",
+                   "task.eval_limit", "rollout.backend", "rollout.vllm_gpu_memory_utilization")
         a, b = _flatten(self.to_dict()), _flatten(saved.to_dict())
         changed = [k for k in a if not k.startswith(mutable) and a[k] != b.get(k)]
         if changed:
@@ -253,5 +315,5 @@ def _from_dict(cls, d: dict, prefix: str):
                 expected is tuple and isinstance(value, list))
             if not ok or (isinstance(value, bool) and expected is not bool):
                 raise ValueError(f"config key {prefix}{name} must be {expected.__name__}, got {value!r}")
-            kwargs[name] = value
+            kwargs[name] = tuple(value) if expected is tuple else value
     return cls(**kwargs)

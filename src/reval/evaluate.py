@@ -1,44 +1,65 @@
-"""Evaluation: greedy accuracy and mean sampled accuracy (avg@k) on held-out problems."""
+"""Evaluation: greedy accuracy and mean sampled accuracy (avg@k) on held-out problems.
+
+The paper's protocol (method.md section 8) is avg@16: 16 sampled answers per problem,
+the fraction correct, averaged over problems, each benchmark capped at 100 problems.
+`reval eval` runs it over several benchmark files and prints one row per benchmark.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 from reval.model import PROMPT_TEMPLATE, format_prompt
+from reval.rewards import RewardFn, correctness_reward, score
 from reval.rollout import generate
-from reval.tasks.arithmetic import extract_answer, verify
+from reval.tasks.arithmetic import extract_answer
 
 
 def evaluate(model, tokenizer, questions: Sequence[str], answers: Sequence[str], *,
              samples: int = 0, max_new_tokens: int = 64, temperature: float = 1.0,
-             template: str | None = PROMPT_TEMPLATE, batch_size: int = 256,
-             keep_items: bool = False) -> dict:
+             top_p: float = 1.0, template: str = PROMPT_TEMPLATE, chat: bool = False,
+             batch_size: int = 256, keep_items: bool = False, greedy: bool = True,
+             verifier: RewardFn = correctness_reward, generator=None,
+             eos_token_ids: list[int] | None = None, timeout: float | None = 30.0) -> dict:
     """Greedy accuracy over all questions, plus `mean@k` over `samples` sampled answers.
 
-    Returns `{"accuracy", "mean@k" (if samples), "items" (if keep_items)}`; accuracy is
-    a fraction in [0, 1].
+    An answer is correct when `verifier` (a reward function) gives it 1. `generator` is a
+    rollout backend (HF or vLLM); None samples from `model` with HF `generate`.
+    Returns `{"accuracy" (if greedy), "mean@k" (if samples), "items" (if keep_items)}`,
+    each a fraction in [0, 1].
     """
-    prompts = [format_prompt(tokenizer, q, template) for q in questions]
-    correct, sampled_correct, items = 0, 0, []
+    if not greedy and not samples:
+        raise ValueError("nothing to evaluate: greedy is off and samples is 0")
+
+    def sample(prompts, **kw):
+        if generator is not None:
+            return generator.generate(prompts, max_new_tokens=max_new_tokens, **kw)
+        return generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
+                        eos_token_ids=eos_token_ids, **kw)
+
+    def correct(responses, refs) -> tuple[list[str], list[bool]]:
+        texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
+        rewards, _ = score([verifier], texts, {"answer": list(refs)}, timeout=timeout)
+        return texts, [r is not None and r >= 1.0 for r in rewards]
+
+    prompts = [format_prompt(tokenizer, q, template, chat) for q in questions]
+    n_greedy, n_sampled, items = 0, 0, []
     for start in range(0, len(prompts), batch_size):
         chunk = slice(start, start + batch_size)
-        out = generate(model, tokenizer, prompts[chunk], greedy=True, max_new_tokens=max_new_tokens)
-        for i, resp in enumerate(out.response_ids):
-            text = tokenizer.decode(resp, skip_special_tokens=True)
-            ok = verify(text, answers[start + i])
-            correct += ok
+        refs = answers[chunk]
+        if greedy:
+            texts, ok = correct(sample(prompts[chunk], greedy=True).response_ids, refs)
+            n_greedy += sum(ok)
             if keep_items:
-                items.append({"question": questions[start + i], "answer": answers[start + i],
-                              "completion": text, "extracted": extract_answer(text), "correct": ok})
+                items += [{"question": q, "answer": a, "completion": t, "extracted": extract_answer(t),
+                           "correct": c} for q, a, t, c in zip(questions[chunk], refs, texts, ok)]
         if samples:
-            out = generate(model, tokenizer, prompts[chunk], samples_per_prompt=samples,
-                           temperature=temperature, max_new_tokens=max_new_tokens)
-            for i, resp in enumerate(out.response_ids):
-                text = tokenizer.decode(resp, skip_special_tokens=True)
-                sampled_correct += verify(text, answers[start + i // samples])
-    result = {"accuracy": correct / max(len(prompts), 1)}
+            out = sample(prompts[chunk], samples_per_prompt=samples, temperature=temperature, top_p=top_p)
+            n_sampled += sum(correct(out.response_ids, [a for a in refs for _ in range(samples)])[1])
+    n = max(len(prompts), 1)
+    result = {"accuracy": n_greedy / n} if greedy else {}
     if samples:
-        result[f"mean@{samples}"] = sampled_correct / max(len(prompts) * samples, 1)
+        result[f"mean@{samples}"] = n_sampled / (n * samples)
     if keep_items:
         result["items"] = items
     return result

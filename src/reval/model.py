@@ -1,9 +1,14 @@
-"""Models and tokenizers: the tiny embedded model, and loading any HF causal LM.
+"""Models, tokenizers and prompts: the tiny embedded model, and loading any HF causal LM.
 
 Everything goes through `AutoModelForCausalLM.from_pretrained` /
 `AutoTokenizer.from_pretrained`, so the shipped 0.77M-parameter model and a 7B checkpoint
 take the same path. The tiny model is a standard Qwen2 with a character-level tokenizer
 built with `tokenizers` and saved in HF format (tokenizer.json).
+
+Prompts are a template with `{question}` (presets in `PROMPTS`, the paper's among them),
+optionally wrapped in the tokenizer's chat template. LoRA (peft) is opt-in: the policy is
+the base model plus an adapter, and the reference is the same weights with the adapter
+disabled (see `reval.reference`).
 """
 
 from __future__ import annotations
@@ -18,8 +23,14 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast, Qwen2Config
 
 PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
-# The tiny model's prompt template. Real models use their chat template instead.
+# The tiny model's prompt template.
 PROMPT_TEMPLATE = "Q: {question}\nA: "
+PROMPTS = {
+    "plain": PROMPT_TEMPLATE,
+    # method.md section 8: the paper's prompt for math (used inside the chat template)
+    "paper": "{question} Let's think step by step and output the final answer within \\boxed{{}}.",
+    "question": "{question}",
+}
 GENERIC_TOKENIZER_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
 
 
@@ -53,7 +64,8 @@ def build_tiny_model(vocab_size: int, hidden: int = 128, layers: int = 4, heads:
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
 
 
-def load_model(path: str | Path, dtype: torch.dtype = torch.float32):
+def load_model(path: str | Path, dtype: torch.dtype = torch.float32, *,
+               attn_implementation: str | None = None):
     """Load `(model, tokenizer)` from a local directory or hub id; clear error if missing."""
     p = Path(path)
     if not p.exists() and (str(path).startswith((".", "/")) or p.suffix):
@@ -61,13 +73,47 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32):
             f"model directory {str(path)!r} does not exist; pass a directory written by "
             "`reval pretrain`/`save_pretrained`, or omit it to use the shipped model"
         )
-    tokenizer = load_tokenizer(path)
-    tokenizer.padding_side = "left"  # generation pads on the left
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    try:
+        tokenizer = load_tokenizer(path)
+        kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, **kwargs)
+    except OSError as e:  # hub id not found / offline: transformers' message, minus the traceback
+        raise OSError(f"could not load model {str(path)!r}: {e}") from None
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+def eos_token_ids(model, tokenizer) -> list[int]:
+    """Tokens that end an answer: the tokenizer's EOS plus the generation config's.
+
+    Chat models often stop on several tokens (Qwen2.5: <|im_end|> and <|endoftext|>);
+    generation and the EOS cut must agree on all of them.
+    """
+    ids = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+    extra = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for i in extra if isinstance(extra, (list, tuple)) else [extra]:
+        if i is not None and i not in ids:
+            ids.append(int(i))
+    if not ids:
+        raise ValueError("the tokenizer and the model's generation config define no EOS token; "
+                         "set tokenizer.eos_token so answers can end")
+    return ids
+
+
+def add_lora(model, rank: int, alpha: float, target_modules: str | list[str] = "all-linear",
+             dropout: float = 0.0):
+    """Wrap `model` in a trainable LoRA adapter (peft); the base weights are frozen."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise ImportError("LoRA needs peft (a dependency of reval): pip install peft") from None
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, task_type="CAUSAL_LM",
+                        target_modules=target_modules)
+    return get_peft_model(model, config)
+
+
+def is_peft(model) -> bool:
+    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
 
 
 def load_tokenizer(path: str | Path):
@@ -79,21 +125,57 @@ def load_tokenizer(path: str | Path):
     """
     cfg = Path(path) / "tokenizer_config.json"
     if cfg.exists() and json.loads(cfg.read_text()).get("tokenizer_class") in GENERIC_TOKENIZER_CLASSES:
-        return PreTrainedTokenizerFast.from_pretrained(str(path))
-    return AutoTokenizer.from_pretrained(str(path))
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(str(path))
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    tokenizer.padding_side = "left"  # generation pads on the left
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
-def format_prompt(tokenizer, question: str, template: str | None = PROMPT_TEMPLATE) -> str:
-    """Wrap a question the way training does: the template, or the chat template if None."""
-    if template is not None:
-        return template.format(question=question)
-    return tokenizer.apply_chat_template(
-        [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
-    )
+def resolve_template(prompt: str) -> str:
+    """A preset name from `PROMPTS`, or a format string containing `{question}`."""
+    template = PROMPTS.get(prompt, prompt)
+    try:
+        ok = "{question}" in template and template.format(question="") is not None
+    except (KeyError, IndexError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(f"prompt {prompt!r} is neither a preset ({', '.join(PROMPTS)}) nor a format "
+                         "string with one {question} field (write literal braces as {{ }})")
+    return template
+
+
+def use_chat_template(tokenizer, mode: str) -> bool:
+    """Resolve `model.chat_template` ("auto" / "on" / "off") for this tokenizer."""
+    has = getattr(tokenizer, "chat_template", None) is not None
+    if mode == "on" and not has:
+        raise ValueError("model.chat_template = 'on' but the tokenizer has no chat template; "
+                         "use 'off' (plain prompt) or a chat model")
+    return has if mode == "auto" else mode == "on"
+
+
+def format_prompt(tokenizer, question: str, template: str = PROMPT_TEMPLATE, chat: bool = False) -> str:
+    """The text the model sees for `question`: the template, inside the chat template if `chat`.
+
+    Prompts are later tokenised without special tokens, so a chat template's own BOS is
+    kept exactly once; for a plain template the tokenizer's BOS is written out when the
+    tokenizer would normally add one (Llama-style tokenizers).
+    """
+    text = template.format(question=question)
+    if chat:
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+        )
+    bos = tokenizer.bos_token
+    if bos and tokenizer.bos_token_id in tokenizer("x")["input_ids"][:1]:
+        return bos + text
+    return text
 
 
 def prompts_too_long(model, tokenizer, questions: list[str], max_new_tokens: int,
-                     template: str | None = PROMPT_TEMPLATE) -> list[tuple[int, int]]:
+                     template: str = PROMPT_TEMPLATE, chat: bool = False) -> list[tuple[int, int]]:
     """(index, prompt tokens) of each question whose prompt plus answer exceeds the context.
 
     Models without `max_position_embeddings` in their config are not checked.
@@ -101,7 +183,7 @@ def prompts_too_long(model, tokenizer, questions: list[str], max_new_tokens: int
     context = getattr(model.config, "max_position_embeddings", None)
     if context is None or not questions:
         return []
-    prompts = [format_prompt(tokenizer, q, template) for q in questions]
+    prompts = [format_prompt(tokenizer, q, template, chat) for q in questions]
     lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
     return [(i, n) for i, n in enumerate(lengths) if n + max_new_tokens > context]
 

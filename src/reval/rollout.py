@@ -1,14 +1,17 @@
 """Rollout: sample answers with the KV cache and turn each into a frozen `Experience`.
 
 Generation uses Hugging Face `generate` (left padding, KV cache, temperature / top-p,
-stop at EOS). One call samples `samples_per_prompt` answers for each prompt; the G
-answers of one prompt share a `group_id`. Rewards are attached by the caller
+stop at any EOS token) by default, or vLLM (`reval.rollout_vllm`, optional, GPU). Both
+sit behind the same two methods, `generate(prompts, ...) -> Samples` and
+`sync_weights(model)`, and produce the same records. One call samples
+`samples_per_prompt` answers for each prompt; the G answers of one prompt share a `group_id`. Rewards are attached by the caller
 (`reval.rewards.score`), and group statistics right after, while the whole group is
 still together (the replay buffer later samples trajectories one by one).
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -46,8 +49,14 @@ class Samples:
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], *, samples_per_prompt: int = 1,
              temperature: float = 1.0, top_p: float = 1.0, max_new_tokens: int = 64,
-             greedy: bool = False, return_logprobs: bool = False) -> Samples:
-    """Sample `samples_per_prompt` answers per prompt; answers of a prompt are adjacent."""
+             greedy: bool = False, return_logprobs: bool = False,
+             eos_token_ids: list[int] | None = None) -> Samples:
+    """Sample `samples_per_prompt` answers per prompt; answers of a prompt are adjacent.
+
+    An answer ends at the first of `eos_token_ids` (default: the tokenizer's EOS), which
+    is kept as its last token; one that never produces it is marked truncated.
+    """
+    eos = set(eos_token_ids or [tokenizer.eos_token_id])
     was_training = model.training
     model.eval()
     enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left",
@@ -60,7 +69,7 @@ def generate(model, tokenizer, prompts: list[str], *, samples_per_prompt: int = 
         top_k=None,  # HF otherwise applies a default top_k=50 when sampling
         max_new_tokens=max_new_tokens,
         num_return_sequences=samples_per_prompt,
-        eos_token_id=tokenizer.eos_token_id,
+        eos_token_id=sorted(eos),
         pad_token_id=tokenizer.pad_token_id,
         return_dict_in_generate=True,
         output_logits=return_logprobs,
@@ -79,7 +88,7 @@ def generate(model, tokenizer, prompts: list[str], *, samples_per_prompt: int = 
     ]
     samples = Samples([], [], [], [] if return_logprobs else None)
     for i, seq in enumerate(seqs):
-        eos_at = next((j for j, t in enumerate(seq) if t == tokenizer.eos_token_id), None)
+        eos_at = next((j for j, t in enumerate(seq) if t in eos), None)
         cut = len(seq) if eos_at is None else eos_at + 1
         samples.prompt_ids.append(plain_prompts[i // samples_per_prompt])
         samples.response_ids.append(seq[:cut])
@@ -87,6 +96,32 @@ def generate(model, tokenizer, prompts: list[str], *, samples_per_prompt: int = 
         if step_logprobs is not None:
             samples.logprobs.append(step_logprobs[i][:cut])
     return samples
+
+
+class HFGenerator:
+    """HF `generate` behind the rollout-backend interface (the default backend).
+
+    With `sync_every == 1` it samples from the policy itself. Otherwise it samples from
+    its own copy of the weights, refreshed only when `sync_weights` is called: rollouts
+    then come from a policy up to `sync_every - 1` rounds stale, as with an asynchronous
+    or vLLM sampler. ReVal and TBRM never use the sampler's log-probs, so they are
+    unaffected; GRPO's ratio assumes the sampler is pi_old and becomes approximate.
+    """
+
+    def __init__(self, model, tokenizer, eos_token_ids: list[int], separate_copy: bool = False):
+        self.tokenizer, self.eos_token_ids = tokenizer, eos_token_ids
+        self.model = copy.deepcopy(model).requires_grad_(False) if separate_copy else model
+        self.separate_copy = separate_copy
+
+    def generate(self, prompts: list[str], **kwargs) -> Samples:
+        kwargs.pop("seed", None)  # HF sampling draws from torch's global RNG, seeded by the loop
+        return generate(self.model, self.tokenizer, prompts, eos_token_ids=self.eos_token_ids, **kwargs)
+
+    @torch.no_grad()
+    def sync_weights(self, model) -> None:
+        if self.separate_copy:
+            for dst, src in zip(self.model.state_dict().values(), model.state_dict().values()):
+                dst.copy_(src)
 
 
 def to_experiences(samples: Samples, rewards: list[float | None], *, samples_per_prompt: int,

@@ -15,14 +15,18 @@ One round (blocks below come in the same order as the package's files):
   6. reference copy the policy into the reference every `ref_reset_every` updates
   7. eval / log / checkpoint
 
-Single process and plain PyTorch, so `breakpoint()` works anywhere.
+Single process and plain PyTorch by default, so `breakpoint()` works anywhere. The same
+loop runs under `accelerate launch` on N GPUs (reval.distributed: each rank generates
+P / N prompts and keeps its own buffer shard), with LoRA (reval.reference) and with vLLM
+rollouts (reval.rollout_vllm); none of them is a second code path.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
-import os
 import math
+import os
 import random
 import signal
 import time
@@ -33,56 +37,72 @@ import torch
 from tqdm import tqdm
 
 from reval.buffer import Batch, ReplayBuffer, collate
-from reval.checkpoint import latest_checkpoint, rng_state, save_checkpoint, set_rng_state
+from reval.checkpoint import clear_staging, latest_checkpoint, rng_state, save_checkpoint, set_rng_state
 from reval.config import TrainConfig
+from reval.distributed import LogProbModule, all_ranks_true, full_params, is_sharded, make_accelerator
 from reval.evaluate import evaluate
-from reval.logprobs import sequence_logprobs
 from reval.losses import ALGORITHMS
 from reval.metrics import MetricsLogger, read_metrics
-from reval.model import default_model_path, format_prompt, load_model, prompts_too_long
-from reval.rewards import correctness_reward, score
-from reval.rollout import generate, to_experiences
+from reval.model import (add_lora, default_model_path, eos_token_ids, format_prompt, load_model,
+                         load_tokenizer, prompts_too_long, resolve_template, use_chat_template)
+from reval.reference import Reference
+from reval.rewards import REWARDS, resolve_rewards, score
+from reval.rollout import HFGenerator, to_experiences
 from reval.tasks.arithmetic import EVAL_SEED, split
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def update(model, ref_model, optimizer, batch: Batch, cfg: TrainConfig,
-           old_logp: torch.Tensor | None = None) -> dict:
+def update(policy, reference, optimizer, batch: Batch, cfg: TrainConfig,
+           old_logp: torch.Tensor | None = None, accelerator=None) -> dict:
     """One optimizer step on `batch`, accumulated over micro-batches.
 
-    Each micro-batch loss is normalised by the whole batch's trajectory (or token)
-    count, so the summed gradient equals the full-batch gradient whatever the
-    micro-batch size. Returns metrics, with `perf/skipped` = 1 if the step was skipped
-    because the loss or gradient was not finite.
+    `policy` is a `LogProbModule` (possibly wrapped by DDP / FSDP / DeepSpeed), `reference`
+    a `Reference` (or None). Each micro-batch loss is normalised by the whole batch's
+    trajectory (or token) count, so the summed gradient equals the full-batch gradient
+    whatever the micro-batch size. Returns metrics, with `perf/skipped` = 1 if the step
+    was skipped because the loss or gradient was not finite (on any rank).
     """
     algo = ALGORITHMS[cfg.algo]
+    device = accelerator.device if accelerator is not None else batch.input_ids.device
     denom = int(batch.response_mask.sum()) if algo.per_token else len(batch)
     optimizer.zero_grad(set_to_none=True)
     sums: dict[str, float] = {}
     total_loss = 0.0
     mb = cfg.optim.micro_batch_size
-    for start in range(0, len(batch), mb):
-        micro = batch.slice(start, start + mb)
+    starts = range(0, len(batch), mb)
+    for start in starts:
+        micro = batch.slice(start, start + mb).to(device)
         t = {"mask": micro.response_mask, "reward": micro.reward,
              "group_mean": micro.group_mean, "group_std": micro.group_std}
-        t["logp"], t["v"] = sequence_logprobs(model, micro, cfg.model.logprob_chunk)
-        if algo.needs_reference:
-            with torch.no_grad():
-                t["ref_logp"], t["ref_v"] = sequence_logprobs(ref_model, micro, cfg.model.logprob_chunk)
-        if algo.on_policy:  # pi_old: the sampling policy (no grad); equals pi_theta on the 1st update
-            t["old_logp"] = (old_logp[start:start + mb, : micro.response_mask.shape[1]]
-                             if old_logp is not None else t["logp"].detach())
-        loss, metrics = algo.compute(t, cfg.loss, denom)
-        loss.backward()
+        last = start == starts[-1]
+        # DDP: all-reduce gradients once, on the last micro-batch, not after every backward
+        sync = accelerator.no_sync(policy) if accelerator is not None and not last and \
+            accelerator.distributed_type in ("MULTI_GPU", "MULTI_CPU") else contextlib.nullcontext()
+        with sync:
+            t["logp"], t["v"] = policy(micro)
+            if algo.needs_reference:
+                t["ref_logp"], t["ref_v"] = reference.logprobs(micro, cfg.model.logprob_chunk)
+            if algo.on_policy:  # pi_old: the sampling policy (no grad); equals pi_theta on the 1st update
+                t["old_logp"] = (old_logp[start:start + mb, : micro.response_mask.shape[1]].to(device)
+                                 if old_logp is not None else t["logp"].detach())
+            loss, metrics = algo.compute(t, cfg.loss, denom)
+            accelerator.backward(loss) if accelerator is not None else loss.backward()
         total_loss += loss.item()
         for k, v in metrics.items():  # max over micro-batches, else a size-weighted mean
             if k.endswith("_max_abs"):
                 sums[k] = max(sums.get(k, 0.0), v)
             else:
                 sums[k] = sums.get(k, 0.0) + v * len(micro) / len(batch)
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm)
+    params = [p for p in policy.parameters() if p.requires_grad]
+    if accelerator is not None:
+        grad_norm = accelerator.clip_grad_norm_(params, cfg.optim.max_grad_norm)
+    else:
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm)
+    grad_norm = torch.as_tensor(grad_norm, dtype=torch.float32)
     finite = math.isfinite(total_loss) and torch.isfinite(grad_norm).item()
+    if accelerator is not None:
+        finite = all_ranks_true(accelerator, finite)  # every rank steps, or none does
     if finite:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -91,11 +111,78 @@ def update(model, ref_model, optimizer, batch: Batch, cfg: TrainConfig,
 
 
 def _load(cfg: TrainConfig, path: str | Path):
-    model, tokenizer = load_model(path, DTYPES[cfg.model.dtype])
-    # eval mode (dropout off) for updates too: the loss compares policy and reference
-    # log-probs exactly, and dropout would break ReVal's delta = 0 at the start.
-    model.eval()
+    model, tokenizer = load_model(path, DTYPES[cfg.model.dtype],
+                                  attn_implementation=cfg.model.attn_implementation)
+    # No dropout anywhere: the loss compares policy and reference log-probs exactly, and
+    # dropout would break ReVal's delta = 0 at the start. Then train() mode only switches
+    # gradient checkpointing on (HF checkpoints layers in training mode only).
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    for key in ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
+        if isinstance(getattr(model.config, key, None), float):
+            setattr(model.config, key, 0.0)
+    if cfg.model.gradient_checkpointing:
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
+            model.activation_checkpointing_enable({"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    model.train()
     return model, tokenizer
+
+
+def _load_policy(cfg: TrainConfig, ckpt: Path | None, start_path):
+    """The policy (LoRA-wrapped if configured) and tokenizer, from the start or a checkpoint."""
+    if cfg.model.lora_rank == 0:
+        return _load(cfg, ckpt / "model" if ckpt else start_path)
+    # LoRA: the base weights are the reference's (they change only at a reference reset)
+    base_dir = ckpt / "reference" if ckpt and (ckpt / "reference").exists() else start_path
+    model, tokenizer = _load(cfg, base_dir)
+    if ckpt:
+        from peft import PeftModel
+
+        tokenizer = load_tokenizer(ckpt / "model")  # the reference directory holds weights only
+        model = PeftModel.from_pretrained(model, ckpt / "model", is_trainable=True)
+    else:
+        targets = cfg.model.lora_target_modules
+        model = add_lora(model, cfg.model.lora_rank, cfg.model.lora_alpha,
+                         targets if targets == "all-linear" else [t.strip() for t in targets.split(",")])
+    if cfg.model.gradient_checkpointing:
+        model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need grads
+    return model, tokenizer
+
+
+def _datasets(cfg: TrainConfig, problems, eval_problems) -> tuple[list, dict[str, list]]:
+    """(training problems, {benchmark name: problems}) from the task config or the overrides."""
+    if cfg.task.data is None:
+        train_set = problems or split("train", cfg.task.num_train, cfg.task.digits, seed=cfg.seed)
+        n_eval = cfg.task.num_test if cfg.task.eval_split == "test" else cfg.task.num_validation
+        evals = {cfg.task.eval_split: eval_problems or split(cfg.task.eval_split, n_eval, cfg.task.digits,
+                                                             seed=EVAL_SEED)}  # fixed across seeds
+        return train_set, evals
+    from reval.data import load_problems
+
+    fields = {"preset": cfg.task.preset, "question_field": cfg.task.question_field,
+              "answer_field": cfg.task.answer_field}
+    train_set = problems or load_problems(cfg.task.data, **fields)
+    if eval_problems is not None:
+        return train_set, {"eval": eval_problems}
+    evals = {}
+    for source in cfg.task.eval_data:
+        name = Path(source.split(":")[0]).stem
+        evals[name if name not in evals else source] = load_problems(
+            source, split="test", limit=cfg.task.eval_limit, **fields)
+    return train_set, evals
+
+
+def _make_generator(cfg: TrainConfig, model, tokenizer, eos_ids, start_path):
+    if cfg.rollout.backend == "vllm":
+        from reval.rollout_vllm import VLLMGenerator
+
+        return VLLMGenerator(str(start_path), tokenizer, dtype="bfloat16", seed=cfg.seed, eos_token_ids=eos_ids,
+                             gpu_memory_utilization=cfg.rollout.vllm_gpu_memory_utilization)
+    return HFGenerator(model, tokenizer, eos_ids, separate_copy=cfg.rollout.sync_every > 1)
 
 
 def train(cfg: TrainConfig, resume: bool = False, *, problems: list | None = None,
@@ -109,97 +196,154 @@ def train(cfg: TrainConfig, resume: bool = False, *, problems: list | None = Non
     returns True. None of the three is saved in checkpoints: pass them again on resume.
     """
     cfg.validate()
+    accelerator = make_accelerator(cfg.model.mixed_precision)
+    rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
+    for name, value in (("rollout.prompts_per_round", cfg.rollout.prompts_per_round),
+                        ("buffer.capacity", cfg.buffer.capacity)):
+        if value % world:
+            raise ValueError(f"{name} = {value} must be divisible by the number of processes ({world})")
     run_dir = cfg.run_dir
     ckpt = latest_checkpoint(run_dir) if resume else None
     state = torch.load(ckpt / "state.pt", weights_only=False) if ckpt else None
     if state is not None:
         cfg.check_resumable_from(TrainConfig.from_dict(state["config"]))
+        if state.get("world_size", 1) != world:
+            raise ValueError(f"cannot resume: the run used {state.get('world_size', 1)} processes, "
+                             f"now {world}; resume with the same number")
+        if world > 1:  # this rank's buffer shard, RNG and optimizer state
+            state.update(torch.load(ckpt / f"rank-{rank}.pt", weights_only=False))
     elif resume:  # killed before its first checkpoint: start the run over
-        print(f"no complete checkpoint in {run_dir / 'checkpoints'}; starting the run from scratch")
-        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        if main:
+            print(f"no complete checkpoint in {run_dir / 'checkpoints'}; starting the run from scratch")
+            (run_dir / "metrics.jsonl").unlink(missing_ok=True)
     elif (run_dir / "metrics.jsonl").exists() or latest_checkpoint(run_dir):
         raise ValueError(f"run directory {run_dir} already holds a run; continue it with "
                          f"--resume {run_dir}, or choose another --out")
-    _check_writable(run_dir)
-    (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    if main:
+        _check_writable(run_dir)
+        (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
     algo = ALGORITHMS[cfg.algo]
 
     # -- model, reference, optimizer ------------------------------------------------------
     torch.manual_seed(cfg.seed)
     start_path = cfg.model.path or default_model_path()
-    model, tokenizer = _load(cfg, ckpt / "model" if ckpt else start_path)
-    ref_model = None
-    if algo.needs_reference:  # frozen copy of the starting policy
-        ref_source = ckpt / "reference" if ckpt and (ckpt / "reference").exists() else start_path
-        ref_model = _load(cfg, ref_source)[0].eval().requires_grad_(False)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr,
+    model, tokenizer = _load_policy(cfg, ckpt, start_path)
+    reference = None
+    if algo.needs_reference:  # frozen copy of the starting policy, or the LoRA base
+        if cfg.model.lora_rank:
+            reference = Reference(model)
+        else:
+            ref_source = ckpt / "reference" if ckpt and (ckpt / "reference").exists() else start_path
+            ref_copy = _load(cfg, ref_source)[0].to(accelerator.device)
+            reference = Reference(model, ref_copy)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.optim.lr,
                                   weight_decay=cfg.optim.weight_decay)
-    buffer = ReplayBuffer(cfg.buffer.capacity)
-    rngs = {"prompts": random.Random(cfg.seed), "buffer": random.Random(cfg.seed + 1)}
+    # the loss's forward goes through the (DDP / FSDP / DeepSpeed) wrapper
+    policy, optimizer = accelerator.prepare(LogProbModule(model, cfg.model.logprob_chunk), optimizer)
+    model = accelerator.unwrap_model(policy).lm
+    if reference is not None:
+        reference.policy = model
+    buffer = ReplayBuffer(cfg.buffer.capacity // world)  # this rank's shard (reval.distributed)
+    # rank 0 keeps the single-process streams, so 1-process runs are unchanged
+    rngs = {"prompts": random.Random(cfg.seed + 7919 * rank), "buffer": random.Random(cfg.seed + 1 + 7919 * rank)}
 
-    # -- data --------------------------------------------------------------------------------
-    train_set = problems or split("train", cfg.task.num_train, cfg.task.digits, seed=cfg.seed)
-    n_eval = cfg.task.num_test if cfg.task.eval_split == "test" else cfg.task.num_validation
-    eval_set = eval_problems or split(cfg.task.eval_split, n_eval, cfg.task.digits,
-                                      seed=EVAL_SEED)  # fixed across seeds
-
-    too_long = prompts_too_long(model, tokenizer, [p.question for p in train_set], cfg.rollout.max_new_tokens)
+    # -- data, prompts, rewards -----------------------------------------------------------
+    train_set, eval_sets = _datasets(cfg, problems, eval_problems)
+    template = resolve_template(cfg.task.prompt if cfg.task.prompt != "auto"
+                                else "plain" if cfg.task.data is None else "paper")
+    chat = use_chat_template(tokenizer, cfg.model.chat_template)
+    reward_names = cfg.task.rewards or (("arithmetic",) if cfg.task.data is None else ("math_verify",))
+    reward_fns = resolve_rewards(reward_names)
+    verifier = reward_fns[0]
+    eos_ids = eos_token_ids(model, tokenizer)
+    too_long = prompts_too_long(model, tokenizer, [p.question for p in train_set], cfg.rollout.max_new_tokens,
+                                template, chat)
     if too_long:
         i, n = too_long[0]
         raise ValueError(f"training prompt {i} is {n} tokens ({len(too_long)} such prompts); with "
                          f"rollout.max_new_tokens={cfg.rollout.max_new_tokens} it exceeds the model's "
                          f"context of {model.config.max_position_embeddings}")
+    generator = _make_generator(cfg, model, tokenizer, eos_ids, start_path)
+    prompts_per_rank = cfg.rollout.prompts_per_round // world
+    batch_per_rank = cfg.batch_size // world
 
-    counters = {"round": 0, "updates": 0, "samples": 0, "seconds": 0.0, "ref_version": 0}
+    counters = {"round": 0, "updates": 0, "samples": 0, "seconds": 0.0, "ref_version": 0,
+                "sampler_version": 0}
     bad_updates = 0  # consecutive skipped updates
     logger_start = True
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         buffer.load_state_dict(state["buffer"])
         set_rng_state(state["rng"], rngs)
-        counters = state["counters"]
-        _truncate_metrics(run_dir / "metrics.jsonl", counters["round"])
+        counters = {"sampler_version": state["counters"]["updates"], **state["counters"]}
+        if main:
+            _truncate_metrics(run_dir / "metrics.jsonl", counters["round"])
         logger_start = False
-    logger = MetricsLogger(run_dir)
+    if counters["sampler_version"] != counters["updates"] or cfg.rollout.backend == "vllm":
+        generator.sync_weights(model)  # a resumed or fresh vLLM sampler starts from the policy
+        counters["sampler_version"] = counters["updates"]
+    logger = MetricsLogger(run_dir) if main else None
 
     def run_eval() -> dict:
         t0 = time.time()
-        res = evaluate(model, tokenizer, [p.question for p in eval_set], [p.answer for p in eval_set],
-                       samples=cfg.eval.samples, max_new_tokens=cfg.rollout.max_new_tokens)
-        rec = {f"eval/{k}": v for k, v in res.items()}
-        rec.update({"round": counters["round"], "samples": counters["samples"],
-                    "seconds": counters["seconds"], "perf/eval_seconds": time.time() - t0})
-        logger.log(rec)
+        rec = {"round": counters["round"], "samples": counters["samples"], "seconds": counters["seconds"]}
+        results = {}
+        with full_params(accelerator, policy):
+            for name, problems_ in eval_sets.items():  # every rank evaluates; rank 0 logs
+                results[name] = evaluate(
+                    model, tokenizer, [p.question for p in problems_], [p.answer for p in problems_],
+                    samples=cfg.eval.samples, max_new_tokens=cfg.rollout.max_new_tokens,
+                    temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, template=template,
+                    chat=chat, verifier=verifier, eos_token_ids=eos_ids,
+                    generator=generator if cfg.rollout.backend == "vllm" else None)
+        if cfg.task.data is None:  # the embedded task: eval/accuracy, eval/mean@k
+            rec.update({f"eval/{k}": v for k, v in next(iter(results.values())).items()})
+        elif results:  # benchmarks: eval/<name>/<metric> and their average, as the paper reports
+            for name, res in results.items():
+                rec.update({f"eval/{name}/{k}": v for k, v in res.items()})
+            for k in next(iter(results.values())):
+                rec[f"eval/{k}"] = sum(r[k] for r in results.values()) / len(results)
+        rec["perf/eval_seconds"] = time.time() - t0
+        if logger is not None:
+            logger.log(rec)
         return rec
 
-    last_eval = run_eval() if logger_start else {}
-    bar = tqdm(total=cfg.rounds, initial=counters["round"], desc=f"{cfg.algo}", disable=not cfg.progress,
-               dynamic_ncols=True)
+    last_eval = run_eval() if logger_start and eval_sets else {}
+    bar = tqdm(total=cfg.rounds, initial=counters["round"], desc=f"{cfg.algo}",
+               disable=not (cfg.progress and main), dynamic_ncols=True)
     with _DeferredInterrupt() as interrupt:
         while counters["round"] < cfg.rounds:
             rnd = counters["round"]
             t_round = time.time()
-            # 1. task: this round's prompts
-            problems = rngs["prompts"].sample(train_set, cfg.rollout.prompts_per_round)
-            prompts = [format_prompt(tokenizer, p.question) for p in problems]
-            # 2. rollout: the generation seed depends only on (seed, round) -> reproducible on resume
-            torch.manual_seed(cfg.seed * 1_000_003 + rnd)
+            # 1. task: this round's prompts (P / N on each of N ranks)
+            problems = rngs["prompts"].sample(train_set, prompts_per_rank)
+            prompts = [format_prompt(tokenizer, p.question, template, chat) for p in problems]
+            # 2. rollout: the generation seed depends only on (seed, round, rank) -> reproducible on resume
+            seed = cfg.seed * 1_000_003 + rnd + 7919 * rank
+            torch.manual_seed(seed)
+            if rnd % cfg.rollout.sync_every == 0 and counters["sampler_version"] != counters["updates"]:
+                with full_params(accelerator, policy):
+                    generator.sync_weights(model)
+                counters["sampler_version"] = counters["updates"]
             G = cfg.rollout.samples_per_prompt
-            samples = generate(model, tokenizer, prompts, samples_per_prompt=G,
-                               temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
-                               max_new_tokens=cfg.rollout.max_new_tokens)
+            with full_params(accelerator, policy) if cfg.rollout.backend == "hf" else contextlib.nullcontext():
+                samples = generator.generate(prompts, samples_per_prompt=G, temperature=cfg.rollout.temperature,
+                                             top_p=cfg.rollout.top_p, max_new_tokens=cfg.rollout.max_new_tokens,
+                                             seed=seed)
             t_gen = time.time() - t_round
             # 3. rewards
             completions = tokenizer.batch_decode(samples.response_ids, skip_special_tokens=True)
-            answers = [p.answer for p in problems for _ in range(G)]
-            rewards, reward_failures = score([correctness_reward], completions, {"answer": answers},
+            columns = {"answer": [p.answer for p in problems for _ in range(G)],
+                       "question": [p.question for p in problems for _ in range(G)]}
+            rewards, reward_failures = score(reward_fns, completions, columns,
+                                             weights=cfg.task.reward_weights or None,
                                              timeout=cfg.rollout.reward_timeout)
             for i, trunc in enumerate(samples.truncated):
                 if trunc and rewards[i] is not None:
                     rewards[i] = None if cfg.loss.drop_truncated else 0.0  # no EOS: reward 0
-            fresh = to_experiences(samples, rewards, samples_per_prompt=G, version=counters["updates"],
-                                   round=rnd, first_group_id=rnd * cfg.rollout.prompts_per_round)
-            counters["samples"] += len(completions)
+            fresh = to_experiences(samples, rewards, samples_per_prompt=G, version=counters["sampler_version"],
+                                   round=rnd, first_group_id=(rnd * world + rank) * prompts_per_rank)
+            counters["samples"] += len(completions) * world
             # 4. buffer
             if not algo.on_policy:
                 buffer.add(fresh)
@@ -210,17 +354,17 @@ def train(cfg: TrainConfig, resume: bool = False, *, problems: list | None = Non
             old_logp = None
             if algo.on_policy and cfg.updates_per_round > 1 and fresh_batch is not None:
                 with torch.no_grad():  # pi_old for PPO-style reuse of the fresh batch
-                    old_logp = sequence_logprobs(model, fresh_batch, cfg.model.logprob_chunk)[0]
+                    old_logp = policy(fresh_batch.to(accelerator.device))[0]
             for k in range(cfg.updates_per_round):
                 if algo.on_policy or (k == 0 and cfg.buffer.first_update_fresh):
                     batch = fresh_batch
                 elif len(buffer):
-                    batch = collate(buffer.sample(cfg.batch_size, rngs["buffer"]), tokenizer.pad_token_id)
+                    batch = collate(buffer.sample(batch_per_rank, rngs["buffer"]), tokenizer.pad_token_id)
                 else:
                     batch = None
-                if batch is None:  # every answer was dropped (e.g. all truncated): nothing to learn
-                    continue
-                m = update(model, ref_model, optimizer, batch, cfg, old_logp)
+                if not all_ranks_true(accelerator, batch is not None):
+                    continue  # every answer was dropped (e.g. all truncated): nothing to learn
+                m = update(policy, reference, optimizer, batch, cfg, old_logp, accelerator)
                 bad_updates = bad_updates + 1 if m["perf/skipped"] else 0
                 if bad_updates >= cfg.optim.max_bad_updates:
                     last = latest_checkpoint(run_dir)
@@ -234,11 +378,13 @@ def train(cfg: TrainConfig, resume: bool = False, *, problems: list | None = Non
                 if m["perf/skipped"]:
                     continue  # the weights did not change: same policy version, no reset
                 counters["updates"] += 1
+                if generator is not None and cfg.rollout.sync_every == 1 and cfg.rollout.backend == "hf":
+                    counters["sampler_version"] = counters["updates"]  # samples from the policy itself
                 # 6. reference reset: the replayed trajectories' ref log-probs are recomputed
                 #    with the new reference at the next update (nothing is cached)
                 every = cfg.loss.ref_reset_every
-                if ref_model is not None and every and counters["updates"] % every == 0:
-                    ref_model.load_state_dict(model.state_dict())
+                if reference is not None and every and counters["updates"] % every == 0:
+                    reference.reset(optimizer)
                     counters["ref_version"] += 1
             t_upd = time.time() - t_upd
             counters["seconds"] += time.time() - t_round
@@ -252,34 +398,40 @@ def train(cfg: TrainConfig, resume: bool = False, *, problems: list | None = Non
                    "rollout/truncated_frac": sum(samples.truncated) / len(samples.truncated),
                    "rollout/reward_failures": reward_failures,
                    "rollout/groups_all_same": _groups_all_same(fresh),
-                   "buffer/size": len(buffer), "q/ref_version": counters["ref_version"],
+                   "rollout/sampler_lag": counters["updates"] - counters["sampler_version"],
+                   "buffer/size": len(buffer) * world, "q/ref_version": counters["ref_version"],
                    "perf/generate_seconds": t_gen, "perf/update_seconds": t_upd}
             for key in (upd_metrics[0] if upd_metrics else {}):  # mean over the K updates
                 rec[key] = sum(m[key] for m in upd_metrics) / len(upd_metrics)
             if upd_metrics:
                 rec["buffer/staleness_max"] = max(m["buffer/staleness_max"] for m in upd_metrics)
-            logger.log(rec)
+            if logger is not None:  # rank 0's rollout statistics stand for all ranks
+                logger.log(rec)
             done = counters["round"] == cfg.rounds
-            if done or (cfg.eval.every and counters["round"] % cfg.eval.every == 0):
+            if eval_sets and (done or (cfg.eval.every and counters["round"] % cfg.eval.every == 0)):
                 last_eval = run_eval()
                 if should_stop is not None and should_stop(last_eval):
                     done = True
             if done or (cfg.checkpoint_every and counters["round"] % cfg.checkpoint_every == 0):
-                _checkpoint(run_dir, cfg, model, tokenizer, ref_model, optimizer, buffer, rngs, counters)
+                _checkpoint(accelerator, policy, run_dir, cfg, model, tokenizer, reference, optimizer, buffer, rngs,
+                            counters)
             bar.update(1)
-            bar.set_postfix(reward=f"{rec['rollout/reward_mean']:.2f}",
-                            acc=f"{last_eval.get('eval/accuracy', float('nan')):.2f}")
+            acc = last_eval.get("eval/accuracy", last_eval.get(f"eval/mean@{cfg.eval.samples}", float("nan")))
+            bar.set_postfix(reward=f"{rec['rollout/reward_mean']:.2f}", acc=f"{acc:.2f}")
             if done:
                 break
             if interrupt.requested:  # Ctrl-C: checkpoint the completed round, stop
                 if not (cfg.checkpoint_every and counters["round"] % cfg.checkpoint_every == 0):
-                    _checkpoint(run_dir, cfg, model, tokenizer, ref_model, optimizer, buffer, rngs, counters)
+                    _checkpoint(accelerator, policy, run_dir, cfg, model, tokenizer, reference, optimizer, buffer,
+                                rngs, counters)
                 bar.close()
-                logger.close()
+                if logger is not None:
+                    logger.close()
                 raise KeyboardInterrupt(f"interrupted after round {counters['round']}; "
                                         f"resume with: reval train --resume {run_dir}")
     bar.close()
-    logger.close()
+    if logger is not None:
+        logger.close()
     return {**last_eval, **counters}
 
 
@@ -311,13 +463,33 @@ class _DeferredInterrupt:
         return False
 
 
-def _checkpoint(run_dir, cfg, model, tokenizer, ref_model, optimizer, buffer, rngs, counters):
-    save_checkpoint(
-        run_dir, counters["round"], model=model, tokenizer=tokenizer,
-        ref_model=ref_model if counters["ref_version"] else None,  # else: the starting model
-        state={"optimizer": optimizer.state_dict(), "buffer": buffer.state_dict(),
-               "rng": rng_state(rngs), "counters": dict(counters), "config": cfg.to_dict()},
-        keep=cfg.keep_checkpoints)
+def _checkpoint(accelerator, policy, run_dir, cfg, model, tokenizer, reference, optimizer, buffer, rngs,
+                counters):
+    """Write a checkpoint. With N processes, rank 0 writes the model and shared state and
+    every rank adds its own shard (buffer, RNG, optimizer state) to the same staging dir."""
+    per_rank = {"optimizer": optimizer.state_dict(), "buffer": buffer.state_dict(), "rng": rng_state(rngs)}
+    shared = {"counters": dict(counters), "config": cfg.to_dict(), "world_size": accelerator.num_processes}
+    if accelerator.num_processes == 1:
+        clear_staging(run_dir, counters["round"])
+        save_checkpoint(run_dir, counters["round"], model=model, tokenizer=tokenizer,
+                        ref_model=reference if counters["ref_version"] else None,  # else: the starting model
+                        state={**per_rank, **shared}, keep=cfg.keep_checkpoints)
+        return
+    from reval.checkpoint import staging_dir
+
+    full_state = None
+    if is_sharded(accelerator):  # FSDP / ZeRO-3: gather the full weights (a collective call)
+        full_state = {k.removeprefix("lm."): v for k, v in accelerator.get_state_dict(policy).items()}
+    if accelerator.is_main_process:
+        clear_staging(run_dir, counters["round"])
+    accelerator.wait_for_everyone()
+    torch.save(per_rank, staging_dir(run_dir, counters["round"]) / f"rank-{accelerator.process_index}.pt")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        save_checkpoint(run_dir, counters["round"], model=model, tokenizer=tokenizer,
+                        ref_model=reference if counters["ref_version"] else None, state=shared,
+                        keep=cfg.keep_checkpoints, model_state_dict=full_state)
+    accelerator.wait_for_everyone()
 
 
 def _check_writable(run_dir: Path) -> None:
