@@ -46,7 +46,7 @@ from reval.metrics import MetricsLogger, read_metrics
 from reval.model import (add_lora, default_model_path, eos_token_ids, format_prompt, load_model,
                          load_tokenizer, prompts_too_long, resolve_template, use_chat_template)
 from reval.reference import Reference
-from reval.rewards import REWARDS, resolve_rewards, score
+from reval.rewards import resolve_rewards, score
 from reval.rollout import HFGenerator, to_experiences
 from reval.tasks.arithmetic import EVAL_SEED, split
 
