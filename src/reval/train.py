@@ -378,7 +378,7 @@ def train(cfg: TrainConfig, resume: bool = False, *, problems: list | None = Non
                 if m["perf/skipped"]:
                     continue  # the weights did not change: same policy version, no reset
                 counters["updates"] += 1
-                if generator is not None and cfg.rollout.sync_every == 1 and cfg.rollout.backend == "hf":
+                if cfg.rollout.sync_every == 1 and cfg.rollout.backend == "hf":
                     counters["sampler_version"] = counters["updates"]  # samples from the policy itself
                 # 6. reference reset: the replayed trajectories' ref log-probs are recomputed
                 #    with the new reference at the next update (nothing is cached)
