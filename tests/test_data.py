@@ -87,11 +87,15 @@ def test_save_to_disk_dataset_and_datasetdict(tmp_path):
 
 def test_in_memory_dataset_and_datasetdict():
     ds = datasets.Dataset.from_list([{"problem": "p", "answer": 7}, {"problem": "", "answer": 8}])
-    assert load_problems(ds, preset="deepscaler", skip_bad_rows=True, limit=1) == [Problem("p", "7")]
+    with pytest.warns(UserWarning, match="skipped 1 bad rows"):
+        assert load_problems(ds, preset="deepscaler", skip_bad_rows=True, limit=1) == [Problem("p", "7")]
     with pytest.raises(ValueError, match=r"dataset in memory: row 2: field 'problem' must be a non-empty"):
         load_problems(ds, preset="deepscaler")
     dd = datasets.DatasetDict({"test": ds})
-    assert load_problems(dd, preset="aime", split="test", limit=1) == [Problem("p", "7")]
+    # first: row 2 (bad) lies past the limit and is never read; random reads (and checks) it
+    assert load_problems(dd, preset="aime", split="test", limit=1, limit_mode="first") == [Problem("p", "7")]
+    with pytest.raises(ValueError, match=r"row 2: field 'problem' must be a non-empty"):
+        load_problems(dd, preset="aime", split="test", limit=1)
     with pytest.raises(ValueError, match=r"no split 'train'; available splits: \['test'\]"):
         load_problems(dd, preset="aime")
 
@@ -153,7 +157,7 @@ def test_field_overrides(tmp_path):
 
 
 def test_presets_are_the_documented_ones():
-    assert sorted(PRESETS) == ["aime", "deepscaler", "gsm8k", "math", "qa"]
+    assert sorted(PRESETS) == ["aime", "choice", "deepscaler", "gsm8k", "math", "qa"]
     assert (PRESETS["math"].question_field, PRESETS["math"].answer_field) == ("problem", "solution")
 
 
@@ -249,23 +253,28 @@ def test_no_usable_rows(tmp_path):
         load_problems(empty)
 
 
-def test_limit_keeps_first_usable_problems_and_stops_reading(tmp_path):
+def test_limit_first_keeps_first_usable_problems_and_stops_reading(tmp_path):
     rows = [{"question": f"q{i}", "answer": i} for i in range(5)] + ["{broken"]
     path = write_jsonl(tmp_path / "big.jsonl", rows)
-    assert load_problems(path, limit=3) == [Problem(f"q{i}", str(i)) for i in range(3)]
+    assert load_problems(path, limit=3, limit_mode="first") == [Problem(f"q{i}", str(i)) for i in range(3)]
     # The broken line lies past the limit, so it is never read.
-    assert len(load_problems(path, limit=5)) == 5
+    assert len(load_problems(path, limit=5, limit_mode="first")) == 5
     with pytest.raises(ValueError, match="line 6: not valid JSON"):
-        load_problems(path, limit=6)
+        load_problems(path, limit=6, limit_mode="first")
+    # The random subsample (the default) draws from every row, so it reads and checks them all.
+    with pytest.raises(ValueError, match="line 6: not valid JSON"):
+        load_problems(path, limit=3)
     with pytest.raises(ValueError, match="limit must be a positive number"):
         load_problems(path, limit=0)
+    with pytest.raises(ValueError, match=r"limit_mode 'last' is unknown; choose one of \('random', 'first'\)"):
+        load_problems(path, limit=3, limit_mode="last")
 
 
 # --- bad sources -----------------------------------------------------------------------------
 
 def test_unknown_preset():
     with pytest.raises(ValueError, match=r"unknown preset 'gsm9k'; choose one of "
-                                         r"\['aime', 'deepscaler', 'gsm8k', 'math', 'qa'\]"):
+                                         r"\['aime', 'choice', 'deepscaler', 'gsm8k', 'math', 'qa'\]"):
         load_problems("whatever.jsonl", preset="gsm9k")
 
 

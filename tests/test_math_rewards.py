@@ -384,7 +384,7 @@ def test_score_combines_math_verify_and_boxed_format_with_weights(mv):
 
 
 def test_registry_and_unknown_names(mv):
-    assert set(REWARDS) == {"arithmetic", "math_verify", "boxed_format"}
+    assert set(REWARDS) == {"arithmetic", "math_verify", "boxed_format", "multiple_choice"}
     assert resolve_rewards(["math_verify", "boxed_format", "arithmetic"]) == [
         math_verify_reward, boxed_format_reward, correctness_reward]
     assert resolve_rewards([]) == []

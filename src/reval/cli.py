@@ -29,6 +29,14 @@ USAGE = """usage: reval {train,eval,demo,pretrain} [--help]
 
 @dataclass
 class EvalArgs:
+    """Evaluate a model on benchmark files: greedy accuracy and avg@k, one row per benchmark.
+
+    The paper's protocol is avg@16 on a random 100 problems per benchmark: --samples 16
+    --limit 100. The 100 are a seeded random subsample (--limit-seed) kept in file order, so
+    every model is scored on the same rows. Multiple-choice data (GPQA-Diamond):
+    --preset choice, scored by the answer letter (multiple_choice).
+    """
+
     data: tuple[str, ...]
     """Benchmarks: JSONL / Parquet / CSV files, save_to_disk directories or hub ids; one row each."""
     model: str | None = None
@@ -40,7 +48,12 @@ class EvalArgs:
     greedy: bool = True
     """Also report greedy accuracy (one answer per question)."""
     limit: int | None = None
-    """Problems per benchmark, the first ones (the paper caps each at 100)."""
+    """Problems per benchmark (the paper: 100); which ones: --limit-mode. None: all."""
+    limit_mode: str = "random"
+    """random: a seeded random subsample of --limit problems, in file order, the same for every
+    model; first: the first --limit problems (rows after them are not read)."""
+    limit_seed: int = 0
+    """Seed of the random --limit subsample."""
     max_new_tokens: int = 64
     """Generation length limit."""
     temperature: float = 1.0
@@ -48,7 +61,8 @@ class EvalArgs:
     top_p: float = 1.0
     """Nucleus sampling threshold for avg@k."""
     preset: str = "qa"
-    """Row schema: qa, gsm8k, math, deepscaler, aime (reval.data.PRESETS)."""
+    """Row schema: qa, gsm8k, math, deepscaler, aime, or choice (multiple choice: question,
+    choices, answer letter; or GPQA's columns) (reval.data.PRESETS)."""
     question_field: str | None = None
     """Override the preset's question field."""
     answer_field: str | None = None
@@ -59,7 +73,8 @@ class EvalArgs:
     chat_template: str = "auto"
     """Wrap prompts in the tokenizer's chat template: auto, on, off."""
     reward: str = "auto"
-    """Verifier from reval.rewards.REWARDS; auto: arithmetic for the shipped model, else math_verify."""
+    """Verifier from reval.rewards.REWARDS; auto: multiple_choice for --preset choice, else
+    arithmetic for the shipped model and math_verify for any other."""
     dtype: str = "float32"
     """Weights dtype: float32 or bfloat16."""
     backend: str = "hf"
@@ -143,14 +158,17 @@ def _eval(argv: list[str]) -> None:
     args = tyro.cli(EvalArgs, args=argv, prog="reval eval")
     if args.dtype not in ("float32", "bfloat16"):
         raise ValueError(f"--dtype {args.dtype!r}: choose float32 or bfloat16")
+    if args.limit_mode not in ("random", "first"):  # checked before the (slow) model load
+        raise ValueError(f"--limit-mode {args.limit_mode!r}: choose random or first")
     model_path = args.model or default_model_path()
     model, tokenizer = load_model(model_path, getattr(torch, args.dtype))
     if torch.cuda.is_available():
         model.cuda()
     chat = use_chat_template(tokenizer, args.chat_template)
     template = resolve_template(args.prompt if args.prompt != "auto" else "paper" if chat else "plain")
-    verifier = resolve_rewards([args.reward if args.reward != "auto"
-                                else "arithmetic" if args.model is None else "math_verify"])[0]
+    auto = ("multiple_choice" if args.preset == "choice" else "arithmetic" if args.model is None
+            else "math_verify")
+    verifier = resolve_rewards([args.reward if args.reward != "auto" else auto])[0]
     generator = None
     if args.backend == "vllm":
         from reval.rollout_vllm import VLLMGenerator
@@ -162,6 +180,7 @@ def _eval(argv: list[str]) -> None:
         name = Path(source.split(":")[0]).stem
         problems = load_problems(source, preset=args.preset, question_field=args.question_field,
                                  answer_field=args.answer_field, split="test", limit=args.limit,
+                                 limit_mode=args.limit_mode, limit_seed=args.limit_seed,
                                  skip_bad_rows=args.skip_bad_rows)
         too_long = prompts_too_long(model, tokenizer, [p.question for p in problems], args.max_new_tokens,
                                     template, chat)

@@ -6,6 +6,7 @@
     problems = load_problems("gsm8k_train.parquet", preset="gsm8k")    # answer "... #### 72" -> "72"
     problems = load_problems("math.csv", preset="math")                # solution "... \\boxed{5}" -> "5"
     problems = load_problems("openai/gsm8k:main", preset="gsm8k", split="test", limit=100)
+    problems = load_problems("gpqa_diamond.csv", preset="choice")      # question + A) ... D), answer "C"
     problems = load_problems(my_dataset, question_field="prompt", answer_field="target")
 
 Each `Problem` holds the question and the reference final answer as a string, ready for a
@@ -26,15 +27,35 @@ verifier. Where the data comes from:
 A preset (`PRESETS`) names the question and answer fields and says how to get the final answer
 out of the raw answer field: "qa" (question/answer, as is), "gsm8k" (question/answer, the text
 after the last "####"), "math" (problem/solution, the last \\boxed{...}), "deepscaler" and
-"aime" (problem/answer, as is). `question_field` / `answer_field` override the preset's names.
+"aime" (problem/answer, as is), "choice" (multiple choice, below). `question_field` /
+`answer_field` override the preset's names.
+
+The "choice" preset (GPQA-Diamond, MMLU-style data) reads one of two row layouts:
+
+- `question`, `choices` (a list of 2 to 10 strings) and `answer`: a letter "A".."J", the 0-based
+  index of the right choice (an integer, as MMLU stores it), or the exact text of the right
+  choice. A single capital letter is always read as a letter, never as a choice's text.
+- GPQA's raw columns: "Question", "Correct Answer", "Incorrect Answer 1", "Incorrect Answer 2",
+  ... . The correct answer would always come first, so the choices are shuffled with a seed
+  taken from the question text: the same order on every load, whatever the file order.
+
+The question becomes the question text, a blank line and one line per choice ("A) ...",
+"B) ..."), so a model can answer with a letter; the reference answer is the letter. Score it
+with the `multiple_choice` reward (`reval.tasks.choice`).
 
 Bad rows (a missing field, an empty question, an answer that is not a string or number, no
 final answer to extract; for JSON lines also invalid UTF-8 or JSON, or not an object) raise
 ValueError naming the source, the first bad row and how many others there are. Rows are
 numbered from 1: for JSON lines the line number in the file, for CSV the data row (the header
 is not counted, a quoted cell spanning lines is one row), for everything else the row index + 1.
-With `skip_bad_rows=True` bad rows are skipped and a warning gives their count. `limit` keeps
-the first N usable problems; rows after those are not read, so not checked either.
+With `skip_bad_rows=True` bad rows are skipped and a warning gives their count.
+
+`limit` keeps N usable problems. With `limit_mode="random"` (the default, the paper's protocol:
+a random 100 per benchmark) they are `random.Random(limit_seed).sample` of the indices of all
+usable rows, kept in file order: the same rows on every call and for every model, as long as
+the file and the seed stay the same. Every row is read, so a bad row anywhere is reported.
+With `limit_mode="first"` they are the first N usable rows; rows after those are not read, so
+not checked either.
 """
 
 from __future__ import annotations
@@ -42,12 +63,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from reval.tasks.choice import LETTERS, lettered_question
 from reval.tasks.math import last_boxed
 
 
@@ -68,6 +91,10 @@ class Preset:
     """Raw answer text -> final answer, or None when the text has none."""
     expects: str
     """What `final_answer` looks for, for error messages."""
+    read_row: Callable[[dict[str, Any], str, str], Problem | str] | None = None
+    """(row, question field, answer field) -> the problem or what is wrong with the row, for a
+    schema that builds the question from more than one field (multiple choice); None: the
+    question field as is and `final_answer` of the answer field."""
 
 
 def _as_is(text: str) -> str:
@@ -81,12 +108,78 @@ def _after_hashes(text: str) -> str | None:
     return text.rsplit("####", 1)[1].strip().replace(",", "")
 
 
+def _choice_problem(row: dict[str, Any], q_field: str, a_field: str) -> Problem | str:
+    """A multiple-choice row (either layout in the module doc): lettered question, answer letter."""
+    if "choices" not in row and "Correct Answer" in row:
+        return _gpqa_problem(row)
+    problem = _missing(row, (q_field, "choices", a_field)) or _not_text(row, q_field)
+    if problem:
+        return problem
+    choices = row["choices"]
+    if not isinstance(choices, (list, tuple)) or not 2 <= len(choices) <= len(LETTERS):
+        got = f"{len(choices)} choices" if isinstance(choices, (list, tuple)) else _describe(choices)
+        return f"field 'choices' must be a list of 2 to {len(LETTERS)} choices, got {got}"
+    texts = [_choice_text(c) for c in choices]
+    if not all(texts):
+        i = texts.index("")
+        return f"choice {LETTERS[i]} in field 'choices' must be a non-empty string, got {_describe(choices[i])}"
+    i = _answer_index(row[a_field], texts)
+    if i is None:
+        n = len(texts)
+        return (f"field {a_field!r} is {_describe(row[a_field])}: expected a letter A-{LETTERS[n - 1]}, "
+                f"a 0-based index below {n} or the text of one of the {n} choices")
+    return Problem(lettered_question(row[q_field], texts), LETTERS[i])
+
+
+def _gpqa_problem(row: dict[str, Any]) -> Problem | str:
+    """GPQA's raw layout: the correct answer and "Incorrect Answer 1", "... 2", ... columns."""
+    wrong = ["Incorrect Answer 1"]
+    while f"Incorrect Answer {len(wrong) + 1}" in row and len(wrong) < len(LETTERS) - 1:
+        wrong.append(f"Incorrect Answer {len(wrong) + 1}")
+    fields = ["Correct Answer", *wrong]
+    problem = _missing(row, ["Question", *fields]) or _not_text(row, "Question")
+    if problem:
+        return problem
+    texts = [_choice_text(row[f]) for f in fields]
+    if not all(texts):
+        field = fields[texts.index("")]
+        return f"field {field!r} must be a non-empty string, got {_describe(row[field])}"
+    # The correct answer is texts[0]; shuffle so it is not always A. The seed is the question
+    # text (random.Random hashes a str seed with SHA-512, not Python's salted hash()), so every
+    # load gives the same order, wherever the row sits in the file.
+    order = list(range(len(texts)))
+    random.Random(row["Question"]).shuffle(order)
+    return Problem(lettered_question(row["Question"], [texts[i] for i in order]), LETTERS[order.index(0)])
+
+
+def _choice_text(value: Any) -> str:
+    """A choice as stripped text; "" when it is empty or not a string or number."""
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        return ""
+    return str(value).strip()
+
+
+def _answer_index(raw: Any, texts: list[str]) -> int | None:
+    """The right choice's index from a letter, a 0-based index or its text; None if none fits."""
+    if isinstance(raw, int) and not isinstance(raw, bool):
+        return raw if 0 <= raw < len(texts) else None
+    if not isinstance(raw, str):
+        return None
+    raw = raw.strip()
+    if len(raw) == 1 and raw in LETTERS:  # a capital letter is a letter, even if a choice reads "B"
+        i = LETTERS.index(raw)
+        return i if i < len(texts) else None
+    matches = [i for i, text in enumerate(texts) if text == raw]
+    return matches[0] if len(matches) == 1 else None
+
+
 PRESETS: dict[str, Preset] = {
     "qa": Preset("question", "answer", _as_is, "an answer"),
     "gsm8k": Preset("question", "answer", _after_hashes, "a final '#### <answer>' (GSM8K format)"),
     "math": Preset("problem", "solution", last_boxed, "a \\boxed{...} answer (MATH format)"),
     "deepscaler": Preset("problem", "answer", _as_is, "an answer"),
     "aime": Preset("problem", "answer", _as_is, "an answer"),
+    "choice": Preset("question", "answer", _as_is, "a letter, index or choice text", _choice_problem),
 }
 
 FILE_FORMATS = {".jsonl": "JSON lines", ".json": "JSON lines", ".parquet": "Parquet", ".csv": "CSV"}
@@ -99,19 +192,36 @@ _FIX = "fix the rows, choose --task.preset / field names, or pass skip_bad_rows"
 Row = tuple[str, "dict[str, Any] | str"]
 
 
+LIMIT_MODES = ("random", "first")
+
+
 def load_problems(source: Any, *, preset: str = "qa", question_field: str | None = None,
-                  answer_field: str | None = None, split: str = "train",
-                  limit: int | None = None, skip_bad_rows: bool = False) -> list[Problem]:
-    """Problems from a file, a saved or in-memory dataset, or a hub dataset id (see the module doc)."""
+                  answer_field: str | None = None, split: str = "train", limit: int | None = None,
+                  limit_mode: str = "random", limit_seed: int = 0,
+                  skip_bad_rows: bool = False) -> list[Problem]:
+    """Problems from a file, a saved or in-memory dataset, or a hub dataset id (see the module doc).
+
+    `limit` keeps N problems: a seeded random subsample in file order (`limit_mode="random"`,
+    seed `limit_seed`) or the first N (`limit_mode="first"`).
+    """
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be a positive number of problems (or None for all), got {limit}")
+    if limit_mode not in LIMIT_MODES:
+        raise ValueError(f"limit_mode {limit_mode!r} is unknown; choose one of {LIMIT_MODES}")
     schema = PRESETS[preset]
     q_field = question_field or schema.question_field
     a_field = answer_field or schema.answer_field
     name, rows = _open(source, split)
-    return _collect(name, rows, schema, q_field, a_field, limit, skip_bad_rows)
+    stop = limit if limit_mode == "first" else None  # random: every row is read (and checked)
+    problems = _collect(name, rows, schema, q_field, a_field, stop, skip_bad_rows)
+    if limit_mode == "random" and limit is not None and len(problems) > limit:
+        # Indices drawn over all usable rows, then sorted: the subsample depends only on the
+        # seed and the data, never on how the rows were read, and keeps the file's order.
+        keep = sorted(random.Random(limit_seed).sample(range(len(problems)), limit))
+        problems = [problems[i] for i in keep]
+    return problems
 
 
 # --- where the rows come from ----------------------------------------------------------------
@@ -303,13 +413,12 @@ def _collect(name: str, rows: Iterable[Row], schema: Preset, q_field: str, a_fie
 
 def _problem(row: dict[str, Any], schema: Preset, q_field: str, a_field: str) -> Problem | str:
     """The problem in one row, or a string saying what is wrong with the row."""
-    missing = [f for f in dict.fromkeys((q_field, a_field)) if f not in row]
-    if missing:
-        names = " and ".join(repr(f) for f in missing)
-        return f"missing field{'s' if len(missing) > 1 else ''} {names} (fields: {sorted(row)})"
+    if schema.read_row is not None:
+        return schema.read_row(row, q_field, a_field)
+    problem = _missing(row, (q_field, a_field)) or _not_text(row, q_field)
+    if problem:
+        return problem
     question, raw = row[q_field], row[a_field]
-    if not isinstance(question, str) or not question.strip():
-        return f"field {q_field!r} must be a non-empty string, got {_describe(question)}"
     if isinstance(raw, bool) or not isinstance(raw, (str, int, float)):
         return f"field {a_field!r} must be a string or number, got {_describe(raw)}"
     if isinstance(raw, float) and not math.isfinite(raw):
@@ -320,6 +429,23 @@ def _problem(row: dict[str, Any], schema: Preset, q_field: str, a_field: str) ->
     if not answer.strip():
         return f"field {a_field!r} gives an empty answer"
     return Problem(question, answer.strip())
+
+
+def _missing(row: dict[str, Any], fields: Iterable[str]) -> str | None:
+    """What is wrong when some of `fields` are not in the row, else None."""
+    missing = [f for f in dict.fromkeys(fields) if f not in row]
+    if not missing:
+        return None
+    names = " and ".join(repr(f) for f in missing)
+    return f"missing field{'s' if len(missing) > 1 else ''} {names} (fields: {sorted(row)})"
+
+
+def _not_text(row: dict[str, Any], field: str) -> str | None:
+    """What is wrong when the field is not a non-empty string (a question), else None."""
+    value = row[field]
+    if not isinstance(value, str) or not value.strip():
+        return f"field {field!r} must be a non-empty string, got {_describe(value)}"
+    return None
 
 
 def _describe(value: Any) -> str:

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from reval.tasks.arithmetic import verify
+from reval.tasks.choice import multiple_choice_reward
 from reval.tasks.math import boxed_format_reward, math_verify_reward
 
 RewardFn = Callable[..., list]
@@ -34,6 +35,7 @@ REWARDS: dict[str, RewardFn] = {
     "arithmetic": correctness_reward,  # the embedded addition task (exact answer)
     "math_verify": math_verify_reward,  # math data: boxed answer vs reference, via math-verify
     "boxed_format": boxed_format_reward,  # shaping: 1 when the answer is boxed at all
+    "multiple_choice": multiple_choice_reward,  # "choice" data: the answer letter vs the reference
 }
 
 

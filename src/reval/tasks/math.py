@@ -49,7 +49,7 @@ _LEFT_RIGHT = re.compile(r"\\(?:left|right)(?![A-Za-z])")
 _ready = False  # math-verify imported, quieted and warmed up
 
 
-def _completion_text(completion) -> str:
+def completion_text(completion) -> str:
     """A completion as text: TRL passes a string, or for chat data a list of messages."""
     if isinstance(completion, str):
         return completion
@@ -64,7 +64,7 @@ def boxed_format_reward(completions: list, **_) -> list[float | None]:
     A shaping reward: combine it with a correctness reward through weights, e.g.
     `score([math_verify_reward, boxed_format_reward], ..., weights=[1.0, 0.1])`.
     """
-    return [1.0 if (last_boxed(_completion_text(c)) or "").strip() else 0.0 for c in completions]
+    return [1.0 if (last_boxed(completion_text(c)) or "").strip() else 0.0 for c in completions]
 
 
 def _import_math_verify():
@@ -117,7 +117,7 @@ def _parse(mv, text: str) -> list:
 
 def _grade(mv, completion, gold, limit) -> float | None:
     """1.0 / 0.0 for one completion against its reference (under `limit`, not yet entered)."""
-    pred = last_boxed(_completion_text(completion))
+    pred = last_boxed(completion_text(completion))
     if pred is None or not _clean(pred):
         return 0.0
     pred = _clean(pred)
