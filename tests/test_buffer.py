@@ -48,16 +48,28 @@ def test_state_round_trip():
 
 
 def test_collate_shapes_and_masks():
-    batch = collate([exp(0, prompt_len=3, resp_len=2), exp(1, prompt_len=5, resp_len=4)], pad_id=0)
-    assert batch.input_ids.shape == (2, 9) and batch.response_mask.shape == (2, 8)
-    assert batch.attention_mask.sum(1).tolist() == [5, 9]
-    # response targets: row 0 predicts tokens 3..4 from positions 2..3
-    assert batch.response_mask[0].tolist() == [0, 0, 1, 1, 0, 0, 0, 0]
-    assert batch.first_index.tolist() == [2, 4]
-    assert batch.input_ids[0, 5:].tolist() == [0, 0, 0, 0]
-    targets = batch.input_ids[:, 1:][batch.response_mask.bool()]
-    assert targets.tolist() == [50, 51, 50, 51, 52, 53]
-    assert batch.reward.tolist() == [0.0, 1.0] and batch.version.tolist() == [0, 1]
-    micro = batch.slice(0, 1)
-    assert micro.input_ids.shape == (1, 5) and micro.response_mask.shape == (1, 4)
-    assert torch.equal(micro.response_mask[0], batch.response_mask[0, :4])
+    a, b = exp(0, prompt_len=3, resp_len=2), exp(1, prompt_len=5, resp_len=4)
+    batch = collate([a, b, exp(2, prompt_len=3, resp_len=1)], pad_id=0)
+    # distinct prompts, left-padded; answers to the same prompt are made adjacent
+    assert batch.prompt_ids.tolist() == [[0, 0, 10, 11, 12], [10, 11, 12, 13, 14]]
+    assert batch.prompt_mask.sum(1).tolist() == [3, 5]
+    assert batch.prompt_index.tolist() == [0, 0, 1] and batch.version.tolist() == [0, 2, 1]
+    assert batch.response_ids.tolist() == [[50, 51, 0, 0], [50, 0, 0, 0], [50, 51, 52, 53]]
+    assert batch.response_mask.tolist() == [[1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 1]]
+    assert batch.prompt(2) == [10, 11, 12, 13, 14] and batch.prompt_lengths.tolist() == [3, 3, 5]
+    assert batch.reward.tolist() == [0.0, 0.0, 1.0] and batch.uid.tolist() == [-1, -1, -1]
+    micro = batch.slice(0, 2)  # one prompt, trimmed to it and to the longest answer
+    assert micro.prompt_ids.tolist() == [[10, 11, 12]] and micro.prompt_index.tolist() == [0, 0]
+    assert micro.response_ids.shape == (2, 2) and micro.prompt(1) == [10, 11, 12]
+    last = batch.slice(2, 3)
+    assert last.prompt_ids.tolist() == [[10, 11, 12, 13, 14]] and last.prompt_index.tolist() == [0]
+
+
+def test_collate_groups_replayed_answers_by_prompt():
+    rng = random.Random(0)
+    exps = [exp(i, prompt_len=2 + i % 3, uid=i) for i in range(12)]
+    rng.shuffle(exps)
+    batch = collate(exps, pad_id=0)
+    assert batch.prompt_ids.shape[0] == 3
+    assert sorted(batch.prompt_index.tolist()) == batch.prompt_index.tolist()  # groups contiguous
+    assert sorted(batch.uid.tolist()) == list(range(12))  # every trajectory, once

@@ -20,7 +20,7 @@ def reval(*args, check=True):
     return proc
 
 
-@pytest.mark.parametrize("algo", ["reval", "tbrm", "grpo"])
+@pytest.mark.parametrize("algo", ["reval", "tbrm", "tbrm_replay", "grpo"])
 def test_train_runs_and_writes_run_dir(tiny_dir, tmp_path, algo):
     out = tmp_path / algo
     reval("train", "--algo", algo, "--rounds", "3", "--model.path", tiny_dir, "--out", out, *SMALL)
@@ -36,8 +36,9 @@ def test_train_runs_and_writes_run_dir(tiny_dir, tmp_path, algo):
 
 
 def test_resume_continues_and_matches_uninterrupted(tiny_dir, tmp_path):
-    # A reset every 2 updates (K = 2) happens in round 1, so the round-2 checkpoint we
-    # resume from must carry the reset reference, not the starting model.
+    # A reset every 2 rounds happens at the end of round 2, so the round-2 checkpoint we
+    # resume from must carry the reset reference (and a reference cache that the reset made
+    # stale), not the starting model.
     common = ["--model.path", tiny_dir, *SMALL, "--loss.ref-reset-every", "2"]
     reval("train", "--rounds", "4", "--out", tmp_path / "a", *common)
     reval("train", "--rounds", "2", "--out", tmp_path / "b", *common)

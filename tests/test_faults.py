@@ -123,7 +123,8 @@ def test_non_finite_updates_are_skipped_then_stop_the_run(tiny_dir, tmp_path, mo
         return loss * float("nan"), metrics
 
     monkeypatch.setitem(losses.ALGORITHMS, "reval", losses.Algorithm(
-        needs_reference=True, on_policy=False, per_token=False, default_updates_per_round=2, compute=nan_loss))
+        needs_reference=True, replay=True, needs_old_logp=False, per_token=False, default_updates_per_round=2,
+        compute=nan_loss))
     cfg = TrainConfig(rounds=5, out=tmp_path / "run", progress=False, checkpoint_every=1)
     cfg.model.path = str(tiny_dir)
     cfg.rollout.prompts_per_round, cfg.rollout.samples_per_prompt = 4, 4

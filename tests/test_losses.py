@@ -14,7 +14,7 @@ from reval.losses import ALGORITHMS, grpo_advantage, grpo_loss, reval_loss, tbrm
 from reval.reference import Reference
 from reval.rewards import shape_reward
 from reval.rollout import Experience
-from reval.train import update
+from reval.train import micro_batches, old_logprobs, update
 
 
 def test_reval_hand_computed():
@@ -150,9 +150,10 @@ def test_micro_batch_does_not_change_the_update(tiny, algo):
         opt = torch.optim.SGD(m.parameters(), lr=1.0)
         old = None
         if algo == "grpo":  # a non-trivial pi_old so the ratio is not 1
-            with torch.no_grad():
-                noise = torch.randn(batch.response_mask.shape, generator=torch.Generator().manual_seed(0))
-                old = sequence_logprobs(m, batch)[0] + 0.1 * noise * batch.response_mask
+            noise = torch.randn(batch.response_mask.shape, generator=torch.Generator().manual_seed(0))
+            old = [lp + 0.1 * noise[i * mb:(i + 1) * mb, : lp.shape[1]] * micro.response_mask
+                   for i, (lp, micro) in enumerate(zip(old_logprobs(LogProbModule(m), batch, cfg, "cpu"),
+                                                       micro_batches(batch, mb)))]
         before = [p.detach().clone() for p in m.parameters()]
         metrics = update(LogProbModule(m), Reference(m, ref), opt, batch, cfg, old)
         grads.append([b - p.detach() for b, p in zip(before, m.parameters())])

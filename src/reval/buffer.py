@@ -1,8 +1,10 @@
 """Replay buffer and collation: `Experience` records in, padded `Batch` tensors out.
 
 The buffer is a FIFO ring of capacity M with uniform sampling (method.md section 6).
-It stores token ids and rewards only, never log-probabilities: those are recomputed by
-the loss under the current policy and reference at every update.
+It stores what the sampler produced (token ids, rewards, group statistics, versions),
+never the policy's log-probabilities: those are recomputed under the current policy at
+every update. (The reference's, which only change at a reference reset, are cached
+separately, tagged with the reference version: `reval.reference.RefCache`.)
 """
 
 from __future__ import annotations
@@ -31,6 +33,9 @@ class ReplayBuffer:
     def add(self, experiences: list[Experience]) -> None:
         self._items.extend(experiences)  # deque(maxlen) drops from the left: FIFO
 
+    def uids(self) -> list[int]:
+        return [e.uid for e in self._items]
+
     def sample(self, n: int, rng: random.Random) -> list[Experience]:
         """`n` trajectories uniformly, without replacement (all of them if fewer)."""
         if not self._items:
@@ -51,55 +56,82 @@ class ReplayBuffer:
 
 @dataclass
 class Batch:
-    """Right-padded tensors for B trajectories of at most T tokens (prompt + response).
+    """B trajectories, stored as their distinct prompts (left-padded) and responses (right-padded).
 
-    Position t of `logits` predicts token t + 1, so per-token quantities live on the
-    T - 1 "target" positions and `response_mask` marks the response tokens among them.
+    The G answers to a prompt share one row of `prompt_ids`; `prompt_index` maps each
+    trajectory to it. So the model can run every prompt once and share its KV cache with
+    all of its answers (`reval.logprobs`), and per-token quantities (log-probs, masks)
+    live on the H response positions only: token h of `response_ids` is predicted from
+    the prompt plus tokens before h.
     """
 
-    input_ids: torch.Tensor  # (B, T) prompt + response, right-padded
-    attention_mask: torch.Tensor  # (B, T) 1 on real tokens
-    response_mask: torch.Tensor  # (B, T-1) 1 where the target token is a response token
-    first_index: torch.Tensor  # (B,) position whose logits predict the first response token
+    prompt_ids: torch.Tensor  # (U, P) distinct prompts, left-padded (all end at column P - 1)
+    prompt_mask: torch.Tensor  # (U, P) 1 on real prompt tokens
+    prompt_index: torch.Tensor  # (B,) row of prompt_ids that each trajectory answers
+    response_ids: torch.Tensor  # (B, H) right-padded
+    response_mask: torch.Tensor  # (B, H) float, 1 on real response tokens
     reward: torch.Tensor  # (B,) verifier reward
     group_mean: torch.Tensor  # (B,)
     group_std: torch.Tensor  # (B,)
     version: torch.Tensor  # (B,) policy version that sampled each trajectory
     truncated: torch.Tensor  # (B,) bool
+    uid: torch.Tensor  # (B,) trajectory id (-1: none), the key of the reference cache
 
     def __len__(self) -> int:
-        return self.input_ids.shape[0]
+        return self.response_ids.shape[0]
+
+    @property
+    def prompt_lengths(self) -> torch.Tensor:
+        """(B,) prompt tokens of each trajectory."""
+        return self.prompt_mask.sum(1)[self.prompt_index]
+
+    def prompt(self, i: int) -> list[int]:
+        """The prompt token ids of trajectory i, without padding."""
+        u = self.prompt_index[i]
+        return self.prompt_ids[u][self.prompt_mask[u].bool()].tolist()
 
     def to(self, device) -> "Batch":
         return Batch(**{k: v.to(device) for k, v in vars(self).items()})
 
     def slice(self, start: int, stop: int) -> "Batch":
-        """Rows start:stop, trimmed to their own longest sequence (micro-batching)."""
-        rows = {k: v[start:stop] for k, v in vars(self).items()}
-        T = int(rows["attention_mask"].sum(1).max())
-        for k in ("input_ids", "attention_mask"):
-            rows[k] = rows[k][:, :T]
-        rows["response_mask"] = rows["response_mask"][:, : T - 1]
-        return Batch(**rows)
+        """Rows start:stop with only their prompts, trimmed to their longest prompt and answer."""
+        rows = {k: v[start:stop] for k, v in vars(self).items()
+                if k not in ("prompt_ids", "prompt_mask", "prompt_index")}
+        used, index = torch.unique(self.prompt_index[start:stop], return_inverse=True)  # sorted
+        mask = self.prompt_mask[used]
+        P = int(mask.sum(1).max())  # left padding: keep the last P columns
+        H = max(int(rows["response_mask"].sum(1).max()), 1)
+        return Batch(prompt_ids=self.prompt_ids[used, -P:], prompt_mask=mask[:, -P:], prompt_index=index,
+                     response_ids=rows.pop("response_ids")[:, :H], response_mask=rows.pop("response_mask")[:, :H],
+                     **rows)
 
 
 def collate(experiences: list[Experience], pad_id: int) -> Batch:
-    """Pack trajectories into a right-padded `Batch`."""
+    """Pack trajectories into a `Batch`, answers to the same prompt next to each other.
+
+    Rows are reordered (stably) so that trajectories with identical prompt ids are
+    adjacent: a micro-batch then holds whole groups and each prompt is computed once.
+    """
     if not experiences:
         raise ValueError("cannot collate an empty list of experiences")
-    B = len(experiences)
-    T = max(len(e.prompt_ids) + len(e.response_ids) for e in experiences)
-    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((B, T), dtype=torch.long)
-    response_mask = torch.zeros((B, T - 1), dtype=torch.float32)
-    first_index = torch.empty(B, dtype=torch.long)
-    for i, e in enumerate(experiences):
-        P, H = len(e.prompt_ids), len(e.response_ids)
-        input_ids[i, : P + H] = torch.tensor(e.prompt_ids + e.response_ids)
-        attention_mask[i, : P + H] = 1
-        response_mask[i, P - 1 : P + H - 1] = 1.0  # targets P..P+H-1 are predicted from P-1..
-        first_index[i] = P - 1
-    col = lambda name, dtype=torch.float32: torch.tensor([getattr(e, name) for e in experiences], dtype=dtype)  # noqa: E731
-    return Batch(input_ids, attention_mask, response_mask, first_index, col("reward"),
-                 col("group_mean"), col("group_std"), col("version", torch.long),
-                 col("truncated", torch.bool))
+    prompts: dict[tuple[int, ...], int] = {}
+    for e in experiences:
+        prompts.setdefault(e.prompt_ids, len(prompts))
+    rows = sorted(experiences, key=lambda e: prompts[e.prompt_ids])
+    U, B = len(prompts), len(rows)
+    P = max(len(p) for p in prompts)
+    H = max(max(len(e.response_ids) for e in rows), 1)
+    prompt_ids = torch.full((U, P), pad_id, dtype=torch.long)
+    prompt_mask = torch.zeros((U, P), dtype=torch.long)
+    for p, u in prompts.items():
+        prompt_ids[u, P - len(p):] = torch.tensor(p)
+        prompt_mask[u, P - len(p):] = 1
+    response_ids = torch.full((B, H), pad_id, dtype=torch.long)
+    response_mask = torch.zeros((B, H), dtype=torch.float32)
+    for i, e in enumerate(rows):
+        response_ids[i, : len(e.response_ids)] = torch.tensor(e.response_ids, dtype=torch.long)
+        response_mask[i, : len(e.response_ids)] = 1.0
+    col = lambda name, dtype=torch.float32: torch.tensor([getattr(e, name) for e in rows], dtype=dtype)  # noqa: E731
+    return Batch(prompt_ids, prompt_mask, torch.tensor([prompts[e.prompt_ids] for e in rows]), response_ids,
+                 response_mask, col("reward"), col("group_mean"), col("group_std"), col("version", torch.long),
+                 col("truncated", torch.bool), col("uid", torch.long))

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Literal
 
 from reval.losses import ALGORITHMS
+from reval.tasks import TASKS
 from reval.rewards import REWARD_VARIANTS
 
 
@@ -32,6 +33,10 @@ class ModelConfig:
     which small learning rates such as the paper's 1e-6 need (bf16 weights round them away)."""
     gradient_checkpointing: bool = False
     """Recompute decoder activations in backward (memory knob for long answers)."""
+    shared_prefix: bool = True
+    """Run each distinct prompt of a batch once and share its KV cache with all its answers
+    (the loss's forward and backward); off, or with gradient checkpointing, each answer is
+    run with its prompt in full. The same numbers either way (to float rounding)."""
     attn_implementation: str | None = None
     """Attention kernel passed to from_pretrained ("sdpa", "flash_attention_2", ...); None: default."""
     chat_template: Literal["auto", "on", "off"] = "auto"
@@ -47,11 +52,16 @@ class ModelConfig:
 
 @dataclass
 class TaskConfig:
+    name: Literal["add", "mul"] = "add"
+    """Embedded task when `data` is None (`reval.tasks.TASKS`): add (addition, one habit to
+    fix, the quick demo) or mul (2-digit multiplication, many mistakes fixed gradually, the
+    benchmark's task). Each has its own shipped warm-start model."""
     data: str | None = None
     """Training data (JSONL / Parquet / CSV file, `save_to_disk` directory or hub id[:config]);
     None: the embedded addition task."""
-    preset: Literal["qa", "gsm8k", "math", "deepscaler", "aime"] = "qa"
-    """Schema of `data` and `eval_data` (field names and how the final answer is written)."""
+    preset: Literal["qa", "gsm8k", "math", "deepscaler", "aime", "choice"] = "qa"
+    """Schema of `data` and `eval_data` (field names and how the final answer is written);
+    choice: multiple choice answered with a letter (needs `rewards` multiple_choice)."""
     question_field: str | None = None
     """Override the preset's question field."""
     answer_field: str | None = None
@@ -60,7 +70,12 @@ class TaskConfig:
     """Benchmark files evaluated during training (same preset); with `data` and none given,
     only the training reward is logged."""
     eval_limit: int | None = 100
-    """Problems per benchmark in `eval_data` (the paper caps each at 100)."""
+    """Problems per benchmark in `eval_data` (the paper: a random 100 each)."""
+    eval_limit_mode: Literal["random", "first"] = "random"
+    """Which `eval_limit` problems: a seeded random subsample kept in file order (the same
+    rows for every model and run), or the first ones."""
+    eval_limit_seed: int = 0
+    """Seed of the random `eval_limit` subsample."""
     prompt: str = "auto"
     """Prompt preset ("plain", "paper", "question") or a format string with {question};
     auto: "plain" for the embedded task, "paper" for math data."""
@@ -91,8 +106,9 @@ class RolloutConfig:
     """Sampling temperature (the loss always uses temperature 1)."""
     top_p: float = 1.0
     """Nucleus sampling threshold."""
-    max_new_tokens: int = 48
-    """Answers that reach this without EOS are marked truncated."""
+    max_new_tokens: int | None = None
+    """Answers that reach this without EOS are marked truncated; None: the embedded task's
+    budget (48 for add, 112 for mul), 48 for user data."""
     reward_timeout: float = 30.0
     """Seconds a reward function may take per call before its answers are skipped."""
     backend: Literal["hf", "vllm"] = "hf"
@@ -127,7 +143,10 @@ class LossConfig:
     clip_high: float = 0.28
     """GRPO: upper clip range (ratio <= 1 + clip_high), DAPO's clip-higher."""
     ref_reset_every: int = 0
-    """Copy the policy into the reference every N updates (0: never)."""
+    """Copy the policy into the reference every N `ref_reset_unit`s (0: never)."""
+    ref_reset_unit: Literal["rounds", "updates"] = "rounds"
+    """Unit of `ref_reset_every`: generation rounds (the paper's "training steps" are
+    iterations, i.e. rounds) or optimizer updates (K per round)."""
     drop_truncated: bool = False
     """Drop answers cut at max_new_tokens instead of training on them with reward 0."""
 
@@ -156,8 +175,9 @@ class EvalConfig:
 
 @dataclass
 class TrainConfig:
-    algo: Literal["reval", "tbrm", "grpo"] = "reval"
-    """Algorithm, from `reval.losses.ALGORITHMS`."""
+    algo: Literal["reval", "tbrm", "tbrm_replay", "grpo"] = "reval"
+    """Algorithm, from `reval.losses.ALGORITHMS`: reval; tbrm (on-policy, as published);
+    tbrm_replay (TBRM with ReVal's replay buffer, an ablation); grpo."""
     rounds: int = 40
     """Generation rounds; answers generated = rounds x P x G."""
     seed: int = 0
@@ -189,13 +209,25 @@ class TrainConfig:
         return k if k is not None else ALGORITHMS[self.algo].default_updates_per_round
 
     @property
+    def shared_prefix(self) -> bool:
+        """Whether the loss's forward shares prompts (HF keeps no KV cache while checkpointing)."""
+        return self.model.shared_prefix and not self.model.gradient_checkpointing
+
+    @property
+    def max_new_tokens(self) -> int:
+        """The answer budget, resolved: the configured value or the task's."""
+        if self.rollout.max_new_tokens is not None:
+            return self.rollout.max_new_tokens
+        return TASKS[self.task.name].max_new_tokens if self.task.data is None else 48
+
+    @property
     def run_dir(self) -> Path:
         return self.out or Path("runs") / f"{self.task_name}-{self.algo}-s{self.seed}"
 
     @property
     def task_name(self) -> str:
         if self.task.data is None:
-            return f"add{self.task.digits}"
+            return f"add{self.task.digits}" if self.task.name == "add" else self.task.name
         return Path(self.task.data.split(":")[0]).stem.replace("/", "-") or "data"
 
     def validate(self) -> "TrainConfig":
@@ -215,7 +247,8 @@ class TrainConfig:
             ("rollout.samples_per_prompt", self.rollout.samples_per_prompt >= 1, ">= 1"),
             ("rollout.temperature", self.rollout.temperature > 0, "> 0"),
             ("rollout.top_p", 0 < self.rollout.top_p <= 1, "in (0, 1]"),
-            ("rollout.max_new_tokens", self.rollout.max_new_tokens >= 1, ">= 1"),
+            ("rollout.max_new_tokens", self.rollout.max_new_tokens is None or self.rollout.max_new_tokens >= 1,
+             ">= 1 (or unset for the task's budget)"),
             ("optim.lr", self.optim.lr > 0, "> 0"),
             ("optim.max_grad_norm", self.optim.max_grad_norm > 0, "> 0"),
             ("optim.weight_decay", self.optim.weight_decay >= 0, ">= 0"),
@@ -237,6 +270,9 @@ class TrainConfig:
             ("model.lora_rank", self.model.lora_rank >= 0, ">= 0 (0 = full fine-tuning)"),
             ("model.lora_alpha", self.model.lora_alpha > 0, "> 0"),
             ("task.eval_limit", self.task.eval_limit is None or self.task.eval_limit >= 1, ">= 1 (or unset)"),
+            ("task.eval_limit_mode", self.task.eval_limit_mode in ("random", "first"), "'random' or 'first'"),
+            ("task.rewards", self.task.preset != "choice" or bool(self.task.rewards),
+             "set for task.preset 'choice' (e.g. multiple_choice; the default math_verify reads no letters)"),
             ("task.reward_weights", not self.task.reward_weights
              or len(self.task.reward_weights) == len(self.task.rewards),
              f"one weight per reward in task.rewards ({len(self.task.rewards)})"),
@@ -257,7 +293,7 @@ class TrainConfig:
         would silently mix two different experiments.
         """
         mutable = ("rounds", "out", "progress", "checkpoint_every", "keep_checkpoints", "eval.",
-                   "optim.micro_batch_size", "model.logprob_chunk", "rollout.reward_timeout",
+                   "optim.micro_batch_size", "model.logprob_chunk", "model.shared_prefix", "rollout.reward_timeout",
                    "model.gradient_checkpointing", "model.attn_implementation", "task.eval_data",
                    "task.eval_limit", "rollout.backend", "rollout.vllm_gpu_memory_utilization")
         a, b = _flatten(self.to_dict()), _flatten(saved.to_dict())

@@ -38,13 +38,14 @@ from reval.logprobs import sequence_logprobs
 class LogProbModule(torch.nn.Module):
     """Wraps a causal LM so that its forward is the loss's forward: (logp, V(s_1))."""
 
-    def __init__(self, lm, chunk_size: int | None = None):
+    def __init__(self, lm, chunk_size: int | None = None, shared_prefix: bool = True):
         super().__init__()
         self.lm = lm
         self.chunk_size = chunk_size
+        self.shared_prefix = shared_prefix
 
     def forward(self, batch):
-        return sequence_logprobs(self.lm, batch, self.chunk_size)
+        return sequence_logprobs(self.lm, batch, self.chunk_size, self.shared_prefix)
 
 
 def make_accelerator(mixed_precision: str = "no"):

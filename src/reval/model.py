@@ -13,6 +13,7 @@ disabled (see `reval.reference`).
 
 from __future__ import annotations
 
+import inspect
 import json
 import string
 from importlib import resources
@@ -34,9 +35,11 @@ PROMPTS = {
 GENERIC_TOKENIZER_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
 
 
-def default_model_path() -> Path:
-    """The shipped warm-start checkpoint (built by `reval pretrain`)."""
-    return Path(str(resources.files("reval") / "assets" / "warmstart"))
+def default_model_path(task: str = "add") -> Path:
+    """The shipped warm-start checkpoint of an embedded task (built by `reval pretrain --task`)."""
+    from reval.tasks import TASKS
+
+    return Path(str(resources.files("reval") / "assets" / TASKS[task].asset))
 
 
 def build_char_tokenizer() -> PreTrainedTokenizerFast:
@@ -186,6 +189,12 @@ def prompts_too_long(model, tokenizer, questions: list[str], max_new_tokens: int
     prompts = [format_prompt(tokenizer, q, template, chat) for q in questions]
     lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
     return [(i, n) for i, n in enumerate(lengths) if n + max_new_tokens > context]
+
+
+def cache_argument(decoder) -> str:
+    """The name of a decoder's KV-cache argument and output: `cache` (transformers >= 5.2x)
+    or `past_key_values` (earlier)."""
+    return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
 
 
 def num_params(model: torch.nn.Module) -> int:

@@ -10,11 +10,13 @@ hold pi_ref, picked by how the policy is trained:
   and re-initialises the adapter (B = 0), so policy and reference coincide again; the
   optimizer's moments for the adapter are cleared, since they belonged to the old adapter.
 
-Nothing is cached: `logprobs` recomputes from the current reference every time.
+`logprobs` computes from the current reference; `RefCache` keeps the results of stored
+trajectories until a reset makes them stale, so replayed answers need no reference pass.
 """
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -24,20 +26,34 @@ from reval.model import is_peft
 
 
 class Reference:
-    def __init__(self, policy, frozen_copy=None):
-        """`frozen_copy` for full fine-tuning; None when `policy` is a peft LoRA model."""
+    def __init__(self, policy, frozen_copy=None, autocast=contextlib.nullcontext):
+        """`frozen_copy` for full fine-tuning; None when `policy` is a peft LoRA model.
+
+        `autocast` is the context the policy's forward runs under (accelerate's mixed
+        precision: `accelerator.autocast`). The reference must take exactly the same
+        numerical path, or at theta = ref the log-ratio is not 0 and the calibrated start
+        is lost: under bf16 autocast a reference computed in fp32 differs by a biased
+        amount that grows with the answer length.
+        """
         if frozen_copy is None and not is_peft(policy):
             raise ValueError("a full fine-tuning reference needs a frozen copy of the weights")
         self.policy = policy
         self.copy = frozen_copy.eval().requires_grad_(False) if frozen_copy is not None else None
+        self.autocast = autocast
 
     @torch.no_grad()
-    def logprobs(self, batch, chunk_size: int | None = None):
-        """(logp, v_first) under pi_ref, as `sequence_logprobs` returns them."""
-        if self.copy is not None:
-            return sequence_logprobs(self.copy, batch, chunk_size)
-        with self.policy.disable_adapter():
-            return sequence_logprobs(self.policy, batch, chunk_size)
+    def logprobs(self, batch, chunk_size: int | None = None, shared_prefix: bool = True):
+        """(logp, v_first) under pi_ref, as `sequence_logprobs` returns them (float32).
+
+        Pass the policy's own `chunk_size` and `shared_prefix`: the same path, the same numbers.
+        """
+        with self.autocast():
+            if self.copy is not None:
+                logp, v = sequence_logprobs(self.copy, batch, chunk_size, shared_prefix)
+            else:
+                with self.policy.disable_adapter():
+                    logp, v = sequence_logprobs(self.policy, batch, chunk_size, shared_prefix)
+        return logp.float(), v.float()
 
     @torch.no_grad()
     def reset(self, optimizer: torch.optim.Optimizer | None = None) -> None:
@@ -61,6 +77,53 @@ class Reference:
             self.copy.save_pretrained(directory)
         else:
             save_base_model(self.policy, directory)
+
+
+class RefCache:
+    """log pi_ref of each response token and V_ref(s_1) of stored trajectories, by uid.
+
+    The reference's values for a trajectory only change when the reference does (a reset),
+    so each entry carries the reference version it was computed under, and a lookup at
+    another version misses (method.md section 5). A miss for any row of a micro-batch
+    recomputes the whole micro-batch, in the same micro-batch the policy sees, so at
+    theta = ref the log-ratio stays exactly 0. Entries of trajectories that left the
+    replay buffer are dropped with `keep`.
+    """
+
+    def __init__(self):
+        self._entries: dict[int, tuple[int, torch.Tensor, torch.Tensor]] = {}  # uid -> (version, (H,), ())
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, uids: torch.Tensor, version: int, H: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """((B, H) ref log-probs, (B,) V_ref) if every uid is cached at `version`, else None."""
+        found = [self._entries.get(u) for u in uids.tolist()]
+        if not found or any(f is None or f[0] != version for f in found):
+            return None
+        logp = torch.zeros(len(found), H)
+        for i, (_, lp, _) in enumerate(found):
+            logp[i, : len(lp)] = lp
+        return logp, torch.stack([f[2] for f in found])
+
+    def put(self, uids: torch.Tensor, logp: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+            version: int) -> None:
+        lengths = mask.sum(1).long().tolist()
+        for i, u in enumerate(uids.tolist()):
+            if u >= 0:
+                self._entries[u] = (version, logp[i, : lengths[i]].detach().float().cpu().clone(),
+                                    v[i].detach().float().cpu().clone())
+
+    def keep(self, uids) -> None:
+        """Drop every entry whose uid is not in `uids` (evicted from the buffer)."""
+        live = set(uids)
+        self._entries = {u: e for u, e in self._entries.items() if u in live}
+
+    def state_dict(self) -> dict:
+        return {"entries": dict(self._entries)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._entries = dict(state["entries"])
 
 
 def _lora_layers(model):

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from reval.model import cache_argument
+
 
 @dataclass(frozen=True)
 class Experience:
@@ -34,6 +36,7 @@ class Experience:
     version: int  # optimizer updates done when this answer was sampled
     round: int  # generation round that produced it
     truncated: bool  # hit max_new_tokens without EOS
+    uid: int = -1  # unique within a run (-1: none); keys the reference cache
 
 
 @dataclass
@@ -50,25 +53,36 @@ class Samples:
 def generate(model, tokenizer, prompts: list[str], *, samples_per_prompt: int = 1,
              temperature: float = 1.0, top_p: float = 1.0, max_new_tokens: int = 64,
              greedy: bool = False, return_logprobs: bool = False,
-             eos_token_ids: list[int] | None = None) -> Samples:
+             eos_token_ids: list[int] | None = None, shared_prefix: bool = True) -> Samples:
     """Sample `samples_per_prompt` answers per prompt; answers of a prompt are adjacent.
 
     An answer ends at the first of `eos_token_ids` (default: the tokenizer's EOS), which
     is kept as its last token; one that never produces it is marked truncated.
+
+    With `shared_prefix` each prompt is prefilled once and its KV cache copied to its G
+    answers, instead of prefilling it G times (`num_return_sequences`). The samples are the
+    same for the same seed (the answers of a prompt are adjacent either way).
     """
     eos = set(eos_token_ids or [tokenizer.eos_token_id])
     was_training = model.training
     model.eval()
     enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left",
                     add_special_tokens=False).to(model.device)
+    G = samples_per_prompt
+    if shared_prefix and G > 1 and enc["input_ids"].shape[1] > 1:
+        inputs = {"input_ids": enc["input_ids"].repeat_interleave(G, 0),
+                  "attention_mask": enc["attention_mask"].repeat_interleave(G, 0), **_prefill(model, enc, G)}
+        G = 1
+    else:
+        inputs = dict(enc)
     out = model.generate(
-        **enc,
+        **inputs,
         do_sample=not greedy,
         temperature=temperature if not greedy else None,
         top_p=top_p if not greedy else None,
         top_k=None,  # HF otherwise applies a default top_k=50 when sampling
         max_new_tokens=max_new_tokens,
-        num_return_sequences=samples_per_prompt,
+        num_return_sequences=G,
         eos_token_id=sorted(eos),
         pad_token_id=tokenizer.pad_token_id,
         return_dict_in_generate=True,
@@ -98,6 +112,19 @@ def generate(model, tokenizer, prompts: list[str], *, samples_per_prompt: int = 
     return samples
 
 
+def _prefill(model, enc, G: int) -> dict:
+    """The KV cache of every prompt but its last token, computed once and repeated G times;
+    `generate` then runs only the last prompt token and the answers on top of it."""
+    decoder = model.get_decoder()
+    ids, mask = enc["input_ids"][:, :-1], enc["attention_mask"][:, :-1]
+    out = decoder(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                  use_cache=True)
+    name = cache_argument(decoder)
+    cache = out[name]
+    cache.batch_repeat_interleave(G)
+    return {name: cache}
+
+
 class HFGenerator:
     """HF `generate` behind the rollout-backend interface (the default backend).
 
@@ -124,22 +151,37 @@ class HFGenerator:
                 dst.copy_(src)
 
 
+def group_stats(rewards: list[float]) -> tuple[float, float]:
+    """(mean, std) of one group's rewards, the baseline of `group_mean` rewards and GRPO.
+
+    std is the population std (ddof = 0). A group of one answer (G = 1, or one scored
+    answer) has no group to compare with: it gets mean 0 and std 1, so both methods see
+    its raw reward (verl's convention); with its own mean and std 0 it would give every
+    method a zero signal.
+    """
+    if len(rewards) == 1:
+        return 0.0, 1.0
+    r = torch.tensor(rewards)
+    return r.mean().item(), r.std(unbiased=False).item()
+
+
 def to_experiences(samples: Samples, rewards: list[float | None], *, samples_per_prompt: int,
-                   version: int, round: int, first_group_id: int = 0) -> list[Experience]:
-    """Attach rewards and group statistics; answers whose reward is None are dropped."""
+                   version: int, round: int, first_group_id: int = 0, first_uid: int = -1) -> list[Experience]:
+    """Attach rewards and group statistics; answers whose reward is None are dropped.
+
+    With `first_uid` >= 0, answer i (in sampling order) gets uid `first_uid + i`."""
     out = []
     for g in range(len(samples.response_ids) // samples_per_prompt):
         idx = range(g * samples_per_prompt, (g + 1) * samples_per_prompt)
         valid = [i for i in idx if rewards[i] is not None]
         if not valid:
             continue
-        r = torch.tensor([float(rewards[i]) for i in valid])
-        mean = r.mean().item()
-        std = r.std(unbiased=False).item() if len(valid) > 1 else 0.0
+        mean, std = group_stats([float(rewards[i]) for i in valid])
         for i in valid:
             out.append(Experience(
                 prompt_ids=tuple(samples.prompt_ids[i]), response_ids=tuple(samples.response_ids[i]),
                 reward=float(rewards[i]), group_id=first_group_id + g, group_mean=mean,
                 group_std=std, version=version, round=round, truncated=samples.truncated[i],
+                uid=first_uid + i if first_uid >= 0 else -1,
             ))
     return out

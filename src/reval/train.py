@@ -45,47 +45,56 @@ from reval.losses import ALGORITHMS
 from reval.metrics import MetricsLogger, read_metrics
 from reval.model import (add_lora, default_model_path, eos_token_ids, format_prompt, load_model,
                          load_tokenizer, prompts_too_long, resolve_template, use_chat_template)
-from reval.reference import Reference
+from reval.reference import RefCache, Reference
 from reval.rewards import resolve_rewards, score
 from reval.rollout import HFGenerator, to_experiences
-from reval.tasks.arithmetic import EVAL_SEED, split
+from reval.tasks import TASKS
+from reval.tasks.arithmetic import EVAL_SEED
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def update(policy, reference, optimizer, batch: Batch, cfg: TrainConfig,
-           old_logp: torch.Tensor | None = None, accelerator=None) -> dict:
+           old_logp: list[torch.Tensor] | None = None, accelerator=None,
+           ref_cache: RefCache | None = None, ref_version: int = 0) -> dict:
     """One optimizer step on `batch`, accumulated over micro-batches.
 
     `policy` is a `LogProbModule` (possibly wrapped by DDP / FSDP / DeepSpeed), `reference`
-    a `Reference` (or None). Each micro-batch loss is normalised by the whole batch's
-    trajectory (or token) count, so the summed gradient equals the full-batch gradient
-    whatever the micro-batch size. Returns metrics, with `perf/skipped` = 1 if the step
-    was skipped because the loss or gradient was not finite (on any rank).
+    a `Reference` (or None), `old_logp` GRPO's pi_old per micro-batch (`old_logprobs`).
+    Each micro-batch loss is normalised by the whole batch's trajectory (or token) count,
+    so the summed gradient equals the full-batch gradient whatever the micro-batch size.
+    Reference log-probs come from `ref_cache` when every row of a micro-batch is cached at
+    `ref_version`, else from a reference pass that runs before the policy's forward, so
+    the two graphs are never alive at once. Returns metrics, with `perf/skipped` = 1 if the
+    step was skipped because the loss or gradient was not finite (on any rank).
     """
     algo = ALGORITHMS[cfg.algo]
-    device = accelerator.device if accelerator is not None else batch.input_ids.device
+    device = accelerator.device if accelerator is not None else batch.response_ids.device
     denom = int(batch.response_mask.sum()) if algo.per_token else len(batch)
     optimizer.zero_grad(set_to_none=True)
-    sums: dict[str, float] = {}
+    sums: dict[str, float] = {"perf/ref_cache_hits": 0.0}
     total_loss = 0.0
-    mb = cfg.optim.micro_batch_size
-    starts = range(0, len(batch), mb)
-    for start in starts:
-        micro = batch.slice(start, start + mb).to(device)
+    micros = micro_batches(batch, cfg.optim.micro_batch_size)
+    for i, micro in enumerate(micros):
+        micro = micro.to(device)
         t = {"mask": micro.response_mask, "reward": micro.reward,
              "group_mean": micro.group_mean, "group_std": micro.group_std}
-        last = start == starts[-1]
+        if algo.needs_reference:
+            hit = ref_cache.get(micro.uid, ref_version, micro.response_ids.shape[1]) if ref_cache else None
+            if hit is None:
+                hit = reference.logprobs(micro, cfg.model.logprob_chunk, cfg.shared_prefix)
+                if ref_cache is not None:
+                    ref_cache.put(micro.uid, *hit, micro.response_mask, ref_version)
+            else:
+                sums["perf/ref_cache_hits"] += len(micro) / len(batch)
+            t["ref_logp"], t["ref_v"] = (x.to(device) for x in hit)
         # DDP: all-reduce gradients once, on the last micro-batch, not after every backward
-        sync = accelerator.no_sync(policy) if accelerator is not None and not last and \
+        sync = accelerator.no_sync(policy) if accelerator is not None and i < len(micros) - 1 and \
             accelerator.distributed_type in ("MULTI_GPU", "MULTI_CPU") else contextlib.nullcontext()
         with sync:
             t["logp"], t["v"] = policy(micro)
-            if algo.needs_reference:
-                t["ref_logp"], t["ref_v"] = reference.logprobs(micro, cfg.model.logprob_chunk)
-            if algo.on_policy:  # pi_old: the sampling policy (no grad); equals pi_theta on the 1st update
-                t["old_logp"] = (old_logp[start:start + mb, : micro.response_mask.shape[1]].to(device)
-                                 if old_logp is not None else t["logp"].detach())
+            if algo.needs_old_logp:  # pi_old: the sampling policy (no grad); equals pi_theta on the 1st update
+                t["old_logp"] = old_logp[i].to(device) if old_logp is not None else t["logp"].detach()
             loss, metrics = algo.compute(t, cfg.loss, denom)
             accelerator.backward(loss) if accelerator is not None else loss.backward()
         total_loss += loss.item()
@@ -106,8 +115,22 @@ def update(policy, reference, optimizer, batch: Batch, cfg: TrainConfig,
     if finite:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    if not algo.needs_reference:
+        del sums["perf/ref_cache_hits"]
     return {**sums, "loss/total": total_loss, "loss/grad_norm": grad_norm.item(),
             "perf/skipped": 0.0 if finite else 1.0}
+
+
+def micro_batches(batch: Batch, size: int) -> list[Batch]:
+    """The micro-batches of `batch` (rows in order), each trimmed to its own prompts and lengths."""
+    return [batch.slice(start, start + size) for start in range(0, len(batch), size)]
+
+
+@torch.no_grad()
+def old_logprobs(policy, batch: Batch, cfg: TrainConfig, device) -> list[torch.Tensor]:
+    """GRPO's pi_old for PPO-style reuse: the policy's log-probs per micro-batch, before any update
+    of the round (the same micro-batches as the updates, so the first ratio is exactly 1)."""
+    return [policy(micro.to(device))[0] for micro in micro_batches(batch, cfg.optim.micro_batch_size)]
 
 
 def _load(cfg: TrainConfig, path: str | Path):
@@ -153,13 +176,24 @@ def _load_policy(cfg: TrainConfig, ckpt: Path | None, start_path):
     return model, tokenizer
 
 
+def _make_reference(cfg: TrainConfig, model, ckpt: Path | None, start_path, accelerator) -> Reference:
+    """pi_ref: the LoRA base (adapter off), or a frozen copy of the start (or of the checkpoint's
+    reference after a reset). It runs under the policy's autocast (`Reference.autocast`)."""
+    if cfg.model.lora_rank:
+        return Reference(model, autocast=accelerator.autocast)
+    ref_source = ckpt / "reference" if ckpt and (ckpt / "reference").exists() else start_path
+    ref_copy = _load(cfg, ref_source)[0].to(accelerator.device)
+    return Reference(model, ref_copy, autocast=accelerator.autocast)
+
+
 def _datasets(cfg: TrainConfig, problems, eval_problems) -> tuple[list, dict[str, list]]:
     """(training problems, {benchmark name: problems}) from the task config or the overrides."""
     if cfg.task.data is None:
-        train_set = problems or split("train", cfg.task.num_train, cfg.task.digits, seed=cfg.seed)
+        task = TASKS[cfg.task.name]
+        train_set = problems or task.split("train", cfg.task.num_train, seed=cfg.seed, digits=cfg.task.digits)
         n_eval = cfg.task.num_test if cfg.task.eval_split == "test" else cfg.task.num_validation
-        evals = {cfg.task.eval_split: eval_problems or split(cfg.task.eval_split, n_eval, cfg.task.digits,
-                                                             seed=EVAL_SEED)}  # fixed across seeds
+        evals = {cfg.task.eval_split: eval_problems or task.split(cfg.task.eval_split, n_eval, seed=EVAL_SEED,
+                                                                  digits=cfg.task.digits)}  # fixed across seeds
         return train_set, evals
     from reval.data import load_problems
 
@@ -172,7 +206,8 @@ def _datasets(cfg: TrainConfig, problems, eval_problems) -> tuple[list, dict[str
     for source in cfg.task.eval_data:
         name = Path(source.split(":")[0]).stem
         evals[name if name not in evals else source] = load_problems(
-            source, split="test", limit=cfg.task.eval_limit, **fields)
+            source, split="test", limit=cfg.task.eval_limit, limit_mode=cfg.task.eval_limit_mode,
+            limit_seed=cfg.task.eval_limit_seed, **fields)
     return train_set, evals
 
 
@@ -226,24 +261,19 @@ def train(cfg: TrainConfig, resume: bool = False, *, problems: list | None = Non
 
     # -- model, reference, optimizer ------------------------------------------------------
     torch.manual_seed(cfg.seed)
-    start_path = cfg.model.path or default_model_path()
+    start_path = cfg.model.path or default_model_path(cfg.task.name)
     model, tokenizer = _load_policy(cfg, ckpt, start_path)
-    reference = None
-    if algo.needs_reference:  # frozen copy of the starting policy, or the LoRA base
-        if cfg.model.lora_rank:
-            reference = Reference(model)
-        else:
-            ref_source = ckpt / "reference" if ckpt and (ckpt / "reference").exists() else start_path
-            ref_copy = _load(cfg, ref_source)[0].to(accelerator.device)
-            reference = Reference(model, ref_copy)
+    reference = _make_reference(cfg, model, ckpt, start_path, accelerator) if algo.needs_reference else None
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.optim.lr,
                                   weight_decay=cfg.optim.weight_decay)
     # the loss's forward goes through the (DDP / FSDP / DeepSpeed) wrapper
-    policy, optimizer = accelerator.prepare(LogProbModule(model, cfg.model.logprob_chunk), optimizer)
+    policy, optimizer = accelerator.prepare(LogProbModule(model, cfg.model.logprob_chunk, cfg.shared_prefix),
+                                            optimizer)
     model = accelerator.unwrap_model(policy).lm
     if reference is not None:
         reference.policy = model
     buffer = ReplayBuffer(cfg.buffer.capacity // world)  # this rank's shard (reval.distributed)
+    ref_cache = RefCache() if algo.needs_reference else None
     # rank 0 keeps the single-process streams, so 1-process runs are unchanged
     rngs = {"prompts": random.Random(cfg.seed + 7919 * rank), "buffer": random.Random(cfg.seed + 1 + 7919 * rank)}
 
@@ -256,12 +286,12 @@ def train(cfg: TrainConfig, resume: bool = False, *, problems: list | None = Non
     reward_fns = resolve_rewards(reward_names)
     verifier = reward_fns[0]
     eos_ids = eos_token_ids(model, tokenizer)
-    too_long = prompts_too_long(model, tokenizer, [p.question for p in train_set], cfg.rollout.max_new_tokens,
+    too_long = prompts_too_long(model, tokenizer, [p.question for p in train_set], cfg.max_new_tokens,
                                 template, chat)
     if too_long:
         i, n = too_long[0]
         raise ValueError(f"training prompt {i} is {n} tokens ({len(too_long)} such prompts); with "
-                         f"rollout.max_new_tokens={cfg.rollout.max_new_tokens} it exceeds the model's "
+                         f"rollout.max_new_tokens={cfg.max_new_tokens} it exceeds the model's "
                          f"context of {model.config.max_position_embeddings}")
     generator = _make_generator(cfg, model, tokenizer, eos_ids, start_path)
     prompts_per_rank = cfg.rollout.prompts_per_round // world
@@ -274,6 +304,8 @@ def train(cfg: TrainConfig, resume: bool = False, *, problems: list | None = Non
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         buffer.load_state_dict(state["buffer"])
+        if ref_cache is not None and "ref_cache" in state:  # older checkpoints: recomputed on use
+            ref_cache.load_state_dict(state["ref_cache"])
         set_rng_state(state["rng"], rngs)
         counters = {"sampler_version": state["counters"]["updates"], **state["counters"]}
         if main:
@@ -292,7 +324,7 @@ def train(cfg: TrainConfig, resume: bool = False, *, problems: list | None = Non
             for name, problems_ in eval_sets.items():  # every rank evaluates; rank 0 logs
                 results[name] = evaluate(
                     model, tokenizer, [p.question for p in problems_], [p.answer for p in problems_],
-                    samples=cfg.eval.samples, max_new_tokens=cfg.rollout.max_new_tokens,
+                    samples=cfg.eval.samples, max_new_tokens=cfg.max_new_tokens,
                     temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, template=template,
                     chat=chat, verifier=verifier, eos_token_ids=eos_ids,
                     generator=generator if cfg.rollout.backend == "vllm" else None)
@@ -307,6 +339,12 @@ def train(cfg: TrainConfig, resume: bool = False, *, problems: list | None = Non
         if logger is not None:
             logger.log(rec)
         return rec
+
+    def save() -> None:
+        per_rank = {"optimizer": optimizer.state_dict(), "buffer": buffer.state_dict(), "rng": rng_state(rngs)}
+        if ref_cache is not None:  # saved, so a resumed run uses the very same numbers
+            per_rank["ref_cache"] = ref_cache.state_dict()
+        _checkpoint(accelerator, policy, run_dir, cfg, model, tokenizer, reference, per_rank, counters)
 
     last_eval = run_eval() if logger_start and eval_sets else {}
     bar = tqdm(total=cfg.rounds, initial=counters["round"], desc=f"{cfg.algo}",
@@ -328,7 +366,7 @@ def train(cfg: TrainConfig, resume: bool = False, *, problems: list | None = Non
             G = cfg.rollout.samples_per_prompt
             with full_params(accelerator, policy) if cfg.rollout.backend == "hf" else contextlib.nullcontext():
                 samples = generator.generate(prompts, samples_per_prompt=G, temperature=cfg.rollout.temperature,
-                                             top_p=cfg.rollout.top_p, max_new_tokens=cfg.rollout.max_new_tokens,
+                                             top_p=cfg.rollout.top_p, max_new_tokens=cfg.max_new_tokens,
                                              seed=seed)
             t_gen = time.time() - t_round
             # 3. rewards
@@ -342,21 +380,21 @@ def train(cfg: TrainConfig, resume: bool = False, *, problems: list | None = Non
                 if trunc and rewards[i] is not None:
                     rewards[i] = None if cfg.loss.drop_truncated else 0.0  # no EOS: reward 0
             fresh = to_experiences(samples, rewards, samples_per_prompt=G, version=counters["sampler_version"],
-                                   round=rnd, first_group_id=(rnd * world + rank) * prompts_per_rank)
+                                   round=rnd, first_group_id=(rnd * world + rank) * prompts_per_rank,
+                                   first_uid=(rnd * world + rank) * batch_per_rank)
             counters["samples"] += len(completions) * world
             # 4. buffer
-            if not algo.on_policy:
+            if algo.replay:
                 buffer.add(fresh)
             # 5. updates
             t_upd = time.time()
             upd_metrics: list[dict] = []
             fresh_batch = collate(fresh, tokenizer.pad_token_id) if fresh else None
             old_logp = None
-            if algo.on_policy and cfg.updates_per_round > 1 and fresh_batch is not None:
-                with torch.no_grad():  # pi_old for PPO-style reuse of the fresh batch
-                    old_logp = policy(fresh_batch.to(accelerator.device))[0]
+            if algo.needs_old_logp and cfg.updates_per_round > 1 and fresh_batch is not None:
+                old_logp = old_logprobs(policy, fresh_batch, cfg, accelerator.device)
             for k in range(cfg.updates_per_round):
-                if algo.on_policy or (k == 0 and cfg.buffer.first_update_fresh):
+                if not algo.replay or (k == 0 and cfg.buffer.first_update_fresh):
                     batch = fresh_batch
                 elif len(buffer):
                     batch = collate(buffer.sample(batch_per_rank, rngs["buffer"]), tokenizer.pad_token_id)
@@ -364,7 +402,8 @@ def train(cfg: TrainConfig, resume: bool = False, *, problems: list | None = Non
                     batch = None
                 if not all_ranks_true(accelerator, batch is not None):
                     continue  # every answer was dropped (e.g. all truncated): nothing to learn
-                m = update(policy, reference, optimizer, batch, cfg, old_logp, accelerator)
+                m = update(policy, reference, optimizer, batch, cfg, old_logp, accelerator, ref_cache,
+                           counters["ref_version"])
                 bad_updates = bad_updates + 1 if m["perf/skipped"] else 0
                 if bad_updates >= cfg.optim.max_bad_updates:
                     last = latest_checkpoint(run_dir)
@@ -380,12 +419,13 @@ def train(cfg: TrainConfig, resume: bool = False, *, problems: list | None = Non
                 counters["updates"] += 1
                 if cfg.rollout.sync_every == 1 and cfg.rollout.backend == "hf":
                     counters["sampler_version"] = counters["updates"]  # samples from the policy itself
-                # 6. reference reset: the replayed trajectories' ref log-probs are recomputed
-                #    with the new reference at the next update (nothing is cached)
-                every = cfg.loss.ref_reset_every
-                if reference is not None and every and counters["updates"] % every == 0:
-                    reference.reset(optimizer)
-                    counters["ref_version"] += 1
+                if cfg.loss.ref_reset_unit == "updates":
+                    _maybe_reset(reference, optimizer, cfg, counters, counters["updates"])
+            # 6. reference reset (unit: rounds, the paper's, or updates, just above)
+            if cfg.loss.ref_reset_unit == "rounds":
+                _maybe_reset(reference, optimizer, cfg, counters, rnd + 1)
+            if ref_cache is not None:
+                ref_cache.keep(buffer.uids())  # evicted (or, on-policy, used up) answers leave the cache
             t_upd = time.time() - t_upd
             counters["seconds"] += time.time() - t_round
             counters["round"] += 1
@@ -413,8 +453,7 @@ def train(cfg: TrainConfig, resume: bool = False, *, problems: list | None = Non
                 if should_stop is not None and should_stop(last_eval):
                     done = True
             if done or (cfg.checkpoint_every and counters["round"] % cfg.checkpoint_every == 0):
-                _checkpoint(accelerator, policy, run_dir, cfg, model, tokenizer, reference, optimizer, buffer, rngs,
-                            counters)
+                save()
             bar.update(1)
             acc = last_eval.get("eval/accuracy", last_eval.get(f"eval/mean@{cfg.eval.samples}", float("nan")))
             bar.set_postfix(reward=f"{rec['rollout/reward_mean']:.2f}", acc=f"{acc:.2f}")
@@ -422,8 +461,7 @@ def train(cfg: TrainConfig, resume: bool = False, *, problems: list | None = Non
                 break
             if interrupt.requested:  # Ctrl-C: checkpoint the completed round, stop
                 if not (cfg.checkpoint_every and counters["round"] % cfg.checkpoint_every == 0):
-                    _checkpoint(accelerator, policy, run_dir, cfg, model, tokenizer, reference, optimizer, buffer,
-                                rngs, counters)
+                    save()
                 bar.close()
                 if logger is not None:
                     logger.close()
@@ -463,11 +501,10 @@ class _DeferredInterrupt:
         return False
 
 
-def _checkpoint(accelerator, policy, run_dir, cfg, model, tokenizer, reference, optimizer, buffer, rngs,
-                counters):
+def _checkpoint(accelerator, policy, run_dir, cfg, model, tokenizer, reference, per_rank: dict, counters):
     """Write a checkpoint. With N processes, rank 0 writes the model and shared state and
-    every rank adds its own shard (buffer, RNG, optimizer state) to the same staging dir."""
-    per_rank = {"optimizer": optimizer.state_dict(), "buffer": buffer.state_dict(), "rng": rng_state(rngs)}
+    every rank adds its own shard (`per_rank`: buffer, reference cache, RNG, optimizer state)
+    to the same staging dir."""
     shared = {"counters": dict(counters), "config": cfg.to_dict(), "world_size": accelerator.num_processes}
     if accelerator.num_processes == 1:
         clear_staging(run_dir, counters["round"])
@@ -490,6 +527,16 @@ def _checkpoint(accelerator, policy, run_dir, cfg, model, tokenizer, reference, 
                         ref_model=reference if counters["ref_version"] else None, state=shared,
                         keep=cfg.keep_checkpoints, model_state_dict=full_state)
     accelerator.wait_for_everyone()
+
+
+def _maybe_reset(reference, optimizer, cfg: TrainConfig, counters: dict, count: int) -> None:
+    """Copy the policy into the reference when `count` (rounds or updates) is a multiple of
+    `loss.ref_reset_every`. Replayed trajectories' reference log-probs are recomputed with
+    the new reference at their next use."""
+    every = cfg.loss.ref_reset_every
+    if reference is not None and every and count % every == 0:
+        reference.reset(optimizer)
+        counters["ref_version"] += 1
 
 
 def _check_writable(run_dir: Path) -> None:

@@ -20,8 +20,9 @@ from reval.rewards import shape_reward
 
 @dataclass(frozen=True)
 class Algorithm:
-    needs_reference: bool  # compute ref log-probs / V_ref at every update
-    on_policy: bool  # updates use the fresh batch only, never the replay buffer
+    needs_reference: bool  # the loss needs log pi_ref and V_ref(s_1)
+    replay: bool  # updates after the first sample the replay buffer (else: reuse the fresh batch)
+    needs_old_logp: bool  # a PPO ratio against the policy that sampled the batch
     per_token: bool  # loss is a token-mean (else a trajectory-mean)
     default_updates_per_round: int  # K when the config leaves it unset
     # compute(t, cfg, denom) -> (loss, metrics); t holds the tensors named below
@@ -47,12 +48,16 @@ def _grpo(t: dict, cfg, denom: int):
 
 
 ALGORITHMS: dict[str, Algorithm] = {
-    "reval": Algorithm(needs_reference=True, on_policy=False, per_token=False, default_updates_per_round=2,
-                       compute=_reval),
-    "tbrm": Algorithm(needs_reference=True, on_policy=False, per_token=False, default_updates_per_round=2,
-                      compute=_tbrm),
-    "grpo": Algorithm(needs_reference=False, on_policy=True, per_token=True, default_updates_per_round=1,
-                      compute=_grpo),
+    "reval": Algorithm(needs_reference=True, replay=True, needs_old_logp=False, per_token=False,
+                       default_updates_per_round=2, compute=_reval),
+    # TBRM as published (ReVal paper, section 4.3): on-policy, one update per batch, no replay
+    "tbrm": Algorithm(needs_reference=True, replay=False, needs_old_logp=False, per_token=False,
+                      default_updates_per_round=1, compute=_tbrm),
+    # the ablation: TBRM's residual with ReVal's replay buffer and K
+    "tbrm_replay": Algorithm(needs_reference=True, replay=True, needs_old_logp=False, per_token=False,
+                             default_updates_per_round=2, compute=_tbrm),
+    "grpo": Algorithm(needs_reference=False, replay=False, needs_old_logp=True, per_token=True,
+                      default_updates_per_round=1, compute=_grpo),
 }
 
 __all__ = ["ALGORITHMS", "Algorithm", "grpo_advantage", "grpo_loss", "reval_loss", "tbrm_loss"]

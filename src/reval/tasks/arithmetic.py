@@ -34,6 +34,7 @@ TEMPLATES = (
 )
 SPLIT_OFFSETS = {"train": 0, "validation": 1_000_000, "test": 2_000_000}
 EVAL_SEED = 0  # validation and test sets are fixed across run seeds
+DROP_CARRY = 0.6  # the warm start's rate of dropped carries (reval pretrain --task add)
 
 
 @dataclass(frozen=True)
