@@ -1,32 +1,38 @@
 """Benchmark: accuracy per generated answer and per second, ReVal vs TBRM vs our GRPO vs
-TRL's GRPOTrainer, over seeds, from the shipped model on the embedded task.
+TRL's GRPOTrainer, each with its sample-reuse knob tuned like its learning rate.
 
     pip install -e ".[bench]"                      # pins trl; torch==2.13.0 first, as always
-    python benchmarks/bench.py tune                # validation grid -> benchmarks/results/tuning.json
-    python benchmarks/bench.py run                 # test-split runs -> benchmarks/results/
-    python benchmarks/bench.py report              # summary.json + plots again from the raw curves
-    python benchmarks/bench.py all --quick         # tune + run at smoke-test sizes (< 5 min), runs/bench-quick
+    python benchmarks/bench.py tune --task mul     # validation grid -> benchmarks/results/mul/tuning.json
+    python benchmarks/bench.py run --task mul      # winners on the test split -> benchmarks/results/mul/
+    python benchmarks/bench.py report --task mul   # summary.json + plots again from the raw curves
+    python benchmarks/bench.py all --quick         # every stage at smoke-test size (< 5 min)
 
-Three studies, all with the same prompts per round, answers per prompt, evaluation set
-and budget of generated answers for every method:
+Every method starts from the task's shipped warm start and gets the same prompts per round
+(drawn in the same order), answers per prompt, reward, evaluation set and budget of
+generated answers. Studies:
 
-  main        16 prompts x 8 answers per round, 15 rounds (1,920 answers), greedy accuracy
-              on the 200 test problems after every round, seeds 0-2. Methods: ReVal, TBRM,
-              our GRPO, TRL GRPOTrainer, and TRL with rollout reuse (num_iterations = 2).
-  k_sweep     ReVal with K = 1, 2, 4, 8 updates per round on the same task (8 rounds).
-  one_prompt  the paper's one-prompt setting: training on a single problem, 16 answers
-              per round, score = sampled accuracy on that problem (mean of 64), rounds
-              until it reaches 95%. Hard / medium / easy problems are picked from the test
-              split by the starting model's mean accuracy over 128 samples.
+  main        P x G = 16 x 8 answers per round, `rounds` rounds, greedy accuracy on the
+              test problems after every round, 5 seeds. Each method's reuse knob is tuned on
+              the validation split together with its learning rate: K updates per round for
+              ReVal and TBRM (K = 1 is TBRM as published, on-policy; K > 1 is TBRM with
+              ReVal's replay buffer, `tbrm_replay`), PPO-style reuse of the fresh batch K for
+              our GRPO, `num_iterations` for TRL.
+  n1          one answer per prompt (P x G = 128 x 1), ReVal vs our GRPO at their tuned
+              settings: rounds and seconds to target (the paper's N = 1 study).
+  one_prompt  the paper's one-prompt setting (training on a single problem, 16 answers per
+              round, score = sampled accuracy on it, rounds until it reaches 95%), with its
+              own learning-rate tuning on a validation problem.
 
-Learning rates come from `tune`, which gives every method the same grid on the validation
-split (and, for the one-prompt study, a medium validation problem); the test split is never
-used for a choice. Each run is a subprocess, so its peak RSS is its own.
+The test split is never used for a choice. Each run is a child process (its peak RSS is its
+own); with `--workers 2` two run at once, each on one thread, so that every run of a stage
+shares the machine the same way. A stage skips runs whose result file already exists, so
+an interrupted stage continues where it stopped (`--fresh` starts over).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import random
 import resource
 import shutil
@@ -34,6 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from statistics import mean
@@ -46,19 +53,27 @@ from reval.demo import set_field
 from reval.metrics import read_metrics
 from reval.model import default_model_path, format_prompt, load_model
 from reval.rewards import correctness_reward
-from reval.tasks.arithmetic import EVAL_SEED, Problem, split
+from reval.tasks import TASKS
+from reval.tasks.arithmetic import EVAL_SEED, Problem
 
 RESULTS = Path(__file__).parent / "results"
 
-# name -> (implementation, algorithm, K). K is updates per round; for TRL it is num_iterations.
-METHODS: dict[str, tuple[str, str, int]] = {
-    "reval": ("reval", "reval", 2),
-    "tbrm": ("reval", "tbrm", 2),
-    "grpo": ("reval", "grpo", 1),
-    "trl_grpo": ("trl", "grpo", 1),
-    "trl_grpo_reuse": ("trl", "grpo", 2),
+
+@dataclass(frozen=True)
+class Method:
+    impl: str  # "reval" (ours) or "trl"
+    algo: str  # the algorithm at K = 1
+    ks: tuple[int, ...]  # grid of the reuse knob
+    reuse_algo: str | None = None  # the algorithm for K > 1, where it differs
+
+
+METHODS: dict[str, Method] = {
+    "reval": Method("reval", "reval", (1, 2, 4, 8)),
+    "tbrm": Method("reval", "tbrm", (1, 2, 4, 8), reuse_algo="tbrm_replay"),
+    "grpo": Method("reval", "grpo", (1, 2, 4)),
+    "trl_grpo": Method("trl", "grpo", (1, 2, 4)),
 }
-GRPO_VARIANTS = ("grpo", "trl_grpo", "trl_grpo_reuse")
+GRPO_VARIANTS = ("grpo", "trl_grpo")
 ONE_PROMPT_METHODS: dict[str, tuple[str, int]] = {  # name -> (algorithm, K)
     "grpo": ("grpo", 1), "reval_k1": ("reval", 1), "reval_k2": ("reval", 2),
     "reval_k4": ("reval", 4), "reval_k8": ("reval", 8),
@@ -66,38 +81,57 @@ ONE_PROMPT_METHODS: dict[str, tuple[str, int]] = {  # name -> (algorithm, K)
 DIFFICULTY = {"hard": 0.15, "medium": 0.40, "easy": 0.70}  # starting model's mean accuracy
 
 
+def algo_of(method: str, k: int) -> str:
+    m = METHODS[method]
+    return m.reuse_algo if k > 1 and m.reuse_algo else m.algo
+
+
 @dataclass
 class Budget:
-    """Sizes of one benchmark; `quick` shrinks every one of them."""
+    """Sizes of one benchmark; `QUICK` shrinks every one of them."""
 
-    seeds: tuple[int, ...] = (0, 1, 2)
-    rounds: int = 15
-    sweep_rounds: int = 8
-    sweep_ks: tuple[int, ...] = (1, 2, 4, 8)
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
+    rounds: int = 30
     num_eval: int = 200
-    lrs: tuple[float, ...] = (1e-4, 3e-4, 1e-3)  # the tuning grid, the same for every method
+    lrs: tuple[float, ...] = (3e-4, 1e-3)  # the tuning grid, the same for every method
+    ks: dict[str, tuple[int, ...]] = field(default_factory=lambda: {m: v.ks for m, v in METHODS.items()})
+    methods: tuple[str, ...] = tuple(METHODS)
+    n1_seeds: tuple[int, ...] = (0, 1, 2)
+    n1_methods: tuple[str, ...] = ("reval", "grpo")
     one_prompt_lrs: tuple[float, ...] = (3e-4, 1e-3, 3e-3)
     one_prompt_rounds: int = 30
-    one_prompt_difficulties: tuple[str, ...] = ("hard", "medium", "easy")
+    one_prompt_seeds: tuple[int, ...] = (0, 1, 2)
+    one_prompt_difficulties: tuple[str, ...] = ()
     scan_problems: int = 64  # candidates for the one-prompt study
     scan_samples: int = 128
-    methods: tuple[str, ...] = tuple(METHODS)
     one_prompt_methods: tuple[str, ...] = tuple(ONE_PROMPT_METHODS)
 
 
-QUICK = Budget(seeds=(0,), rounds=2, sweep_rounds=2, sweep_ks=(1, 2, 4), num_eval=30, lrs=(3e-4,),
-               one_prompt_lrs=(1e-3,), one_prompt_rounds=3, one_prompt_difficulties=("easy",),
-               scan_problems=6, scan_samples=16, one_prompt_methods=("grpo", "reval_k4"))
+QUICK = Budget(seeds=(0,), rounds=2, num_eval=20, lrs=(3e-4,), ks={"reval": (1, 2), "tbrm": (1,), "grpo": (1,),
+                                                                   "trl_grpo": (1,)},
+               n1_seeds=(0,), one_prompt_lrs=(1e-3,), one_prompt_rounds=2, one_prompt_seeds=(0,),
+               one_prompt_difficulties=("easy",), scan_problems=4, scan_samples=8,
+               one_prompt_methods=("grpo", "reval_k4"))
 
 
 @dataclass
 class BenchConfig:
     stage: tyro.conf.Positional[Literal["tune", "run", "all", "report", "child"]]
     """tune: validation grid; run: test-split studies; all: both; report: summary and plots again."""
+    task: Literal["add", "mul"] = "mul"
+    """Embedded task (its shipped warm start is the starting model)."""
     quick: bool = False
-    """Smoke-test sizes (under 5 minutes on 2 cores); writes to runs/bench-quick."""
+    """Smoke-test sizes (under 5 minutes on 2 cores); writes to runs/bench-quick/<task>."""
+    workers: int = 2
+    """Runs at once (each on one thread when more than one)."""
+    rounds: int | None = None
+    """Rounds per run of the main and N = 1 studies; None: the budget's."""
+    studies: tuple[str, ...] = ("main", "n1")
+    """Test-split studies of `run`: main, n1, one_prompt."""
+    fresh: bool = False
+    """Re-run runs whose result file exists."""
     out: Path | None = None
-    """Results directory; default benchmarks/results (runs/bench-quick with --quick)."""
+    """Results directory; default benchmarks/results/<task> (runs/bench-quick/<task> with --quick)."""
     spec: Path | None = None
     """(internal) the run spec of a `child` stage."""
 
@@ -118,21 +152,23 @@ class RunSpec:
     num_eval: int
     run_dir: str
     result: str
+    task: str = "mul"
+    prompts_per_round: int = 16
+    samples_per_prompt: int = 8
     problem: dict | None = None  # one-prompt setting: the single training and evaluation problem
     stop_at: float | None = None  # one-prompt: stop once the score reaches this
 
 
-def run_child(specs: list[RunSpec]) -> None:
-    """Run specs one after another in this process; peak RSS is the process's so far."""
-    for spec in specs:
-        t0 = time.time()
-        result = run_ours(spec) if spec.impl == "reval" else run_trl(spec)
-        result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-        result["spec"] = asdict(spec)
-        Path(spec.result).write_text(json.dumps(result) + "\n")
-        last = result["curve"][-1]
-        print(f"  {spec.method:15s} seed {spec.seed} lr {spec.lr:g} K {spec.k}: final {last['accuracy']:.3f} "
-              f"after {last['samples']} answers, {time.time() - t0:.0f} s", flush=True)
+def run_child(spec: RunSpec) -> None:
+    t0 = time.time()
+    result = run_ours(spec) if spec.impl == "reval" else run_trl(spec)
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    result["cpu_seconds"] = time.process_time()
+    result["spec"] = asdict(spec)
+    Path(spec.result).write_text(json.dumps(result) + "\n")
+    last = result["curve"][-1]
+    print(f"  {spec.method:9s} seed {spec.seed} lr {spec.lr:g} K {spec.k}: final {last['accuracy']:.3f} "
+          f"after {last['samples']} answers, {time.time() - t0:.0f} s", flush=True)
 
 
 def run_ours(spec: RunSpec) -> dict:
@@ -140,16 +176,17 @@ def run_ours(spec: RunSpec) -> dict:
 
     tc = TrainConfig(algo=spec.algo, rounds=spec.rounds, seed=spec.seed, out=Path(spec.run_dir),
                      progress=False, checkpoint_every=0)
-    for key, value in {"buffer.updates_per_round": spec.k, "optim.lr": spec.lr, "eval.every": 1,
-                       "eval.samples": 0, "task.eval_split": spec.split, "task.num_test": spec.num_eval,
-                       "task.num_validation": spec.num_eval}.items():
+    B = spec.prompts_per_round * spec.samples_per_prompt
+    for key, value in {"task.name": spec.task, "buffer.updates_per_round": spec.k, "optim.lr": spec.lr,
+                       "eval.every": 1, "eval.samples": 0, "task.eval_split": spec.split,
+                       "task.num_test": spec.num_eval, "task.num_validation": spec.num_eval,
+                       "rollout.prompts_per_round": spec.prompts_per_round,
+                       "rollout.samples_per_prompt": spec.samples_per_prompt,
+                       "buffer.capacity": 5 * B, "optim.micro_batch_size": min(64, B)}.items():
         set_field(tc, key, value)
     kwargs = {}
     if spec.problem is not None:  # one prompt, 16 answers per round, scored by mean@64 on it
         problem = Problem(**spec.problem)
-        tc.rollout.prompts_per_round, tc.rollout.samples_per_prompt = 1, 16
-        tc.optim.micro_batch_size = 16
-        tc.buffer.capacity = 5 * 16  # the main setting's M / B = 5 rounds
         tc.eval.samples = 64
         kwargs = {"problems": [problem], "eval_problems": [problem],
                   "should_stop": lambda rec: rec["eval/mean@64"] >= spec.stop_at}
@@ -173,15 +210,17 @@ def run_trl(spec: RunSpec) -> dict:
     from reval.evaluate import evaluate
 
     tc = TrainConfig()  # our defaults, so both sides read the same numbers
-    P, G, max_len = tc.rollout.prompts_per_round, tc.rollout.samples_per_prompt, tc.rollout.max_new_tokens
-    model, tokenizer = load_model(default_model_path())
+    tc.task.name = spec.task
+    task = TASKS[spec.task]
+    P, G, max_len = spec.prompts_per_round, spec.samples_per_prompt, tc.max_new_tokens
+    model, tokenizer = load_model(default_model_path(spec.task))
     # The same prompts, in the same rounds, as our loop draws them (random.Random(seed).sample).
-    train_set = split("train", tc.task.num_train, tc.task.digits, seed=spec.seed)
+    train_set = task.split("train", tc.task.num_train, seed=spec.seed)
     rng = random.Random(spec.seed)
     rows = [p for _ in range(spec.rounds) for p in rng.sample(train_set, P)]
     dataset = Dataset.from_list([{"prompt": format_prompt(tokenizer, p.question), "answer": p.answer}
                                  for p in rows])
-    eval_set = split(spec.split, spec.num_eval, tc.task.digits, seed=EVAL_SEED)
+    eval_set = task.split(spec.split, spec.num_eval, seed=EVAL_SEED)
     eos = tokenizer.eos_token_id
 
     def correctness(prompts, completions, completion_ids, answer, **_):
@@ -189,12 +228,12 @@ def run_trl(spec: RunSpec) -> dict:
         rewards = correctness_reward(completions, answer)
         return [0.0 if len(ids) >= max_len and ids[-1] != eos else r for r, ids in zip(rewards, completion_ids)]
 
+    micro = min(tc.optim.micro_batch_size, P * G)
     args = GRPOConfig(
         output_dir=spec.run_dir, seed=spec.seed, use_cpu=True, bf16=False, report_to="none",
         save_strategy="no", logging_steps=1, disable_tqdm=True, dataloader_num_workers=0,
         # one optimizer step per P x G answers, accumulated over micro-batches of 64 like ours
-        per_device_train_batch_size=tc.optim.micro_batch_size,
-        gradient_accumulation_steps=P * G // tc.optim.micro_batch_size,
+        per_device_train_batch_size=micro, gradient_accumulation_steps=P * G // micro,
         num_generations=G, num_iterations=spec.k, max_steps=spec.rounds * spec.k, shuffle_dataset=False,
         max_completion_length=max_len, temperature=tc.rollout.temperature, top_p=tc.rollout.top_p, top_k=0,
         learning_rate=spec.lr, lr_scheduler_type="constant", warmup_steps=0,
@@ -245,34 +284,47 @@ def run_trl(spec: RunSpec) -> dict:
             "update_seconds": train_seconds - timing["generate"]}
 
 
-def launch(*specs: RunSpec) -> list[dict]:
-    """Run specs in a fresh process (own torch state; own peak RSS when given one spec)."""
-    for spec in specs:
+def launch(specs: list[RunSpec], workers: int = 1, fresh: bool = False) -> list[dict]:
+    """Run each spec in its own process, `workers` at a time; results in spec order.
+
+    A spec whose result file exists is not run again (unless `fresh`), so a stage that was
+    interrupted continues where it stopped."""
+    env = dict(os.environ)
+    if workers > 1:  # two processes on two cores: one thread each, no oversubscription
+        env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+
+    def one(spec: RunSpec) -> None:
+        if Path(spec.result).exists() and not fresh:
+            return
         for path in (Path(spec.run_dir).parent, Path(spec.result).parent):
             path.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(spec.run_dir, ignore_errors=True)
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-        json.dump([asdict(s) for s in specs], f)
-    proc = subprocess.run([sys.executable, __file__, "child", "--spec", f.name], stderr=subprocess.PIPE,
-                          text=True)
-    Path(f.name).unlink()
-    if proc.returncode != 0:
-        raise RuntimeError(f"benchmark child failed ({specs[0].method} seed {specs[0].seed} ...):\n"
-                           f"{proc.stderr[-3000:]}")
+        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+            json.dump(asdict(spec), f)
+        proc = subprocess.run([sys.executable, __file__, "child", "--spec", f.name], stderr=subprocess.PIPE,
+                              text=True, env=env)
+        Path(f.name).unlink()
+        if proc.returncode != 0:
+            raise RuntimeError(f"benchmark run failed ({spec.method} seed {spec.seed} lr {spec.lr:g} K {spec.k}):"
+                               f"\n{proc.stderr[-3000:]}")
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        list(pool.map(one, specs))
     return [json.loads(Path(spec.result).read_text()) for spec in specs]
 
 
-def make_spec(out: Path, study: str, method: str, seed: int, lr: float, rounds: int, split_name: str,
-              num_eval: int, k: int | None = None, problem: Problem | None = None) -> RunSpec:
+def make_spec(out: Path, study: str, method: str, seed: int, lr: float, k: int, rounds: int, split_name: str,
+              num_eval: int, task: str, problem: Problem | None = None, samples_per_prompt: int = 8) -> RunSpec:
     if problem is None:
-        impl, algo, default_k = METHODS[method]
+        impl, algo = METHODS[method].impl, algo_of(method, k)
     else:
-        impl, (algo, default_k) = "reval", ONE_PROMPT_METHODS[method]
-    k = k or default_k
+        impl, algo = "reval", ONE_PROMPT_METHODS[method][0]
     name = f"{study}/{method}-k{k}-lr{lr:g}-s{seed}"
+    P = 128 // samples_per_prompt if problem is None else 1
     return RunSpec(method=method, impl=impl, algo=algo, k=k, lr=lr, seed=seed, rounds=rounds,
                    split=split_name, num_eval=num_eval, run_dir=str(out / "runs" / name),
-                   result=str(out / "raw" / f"{name.replace('/', '__')}.json"),
+                   result=str(out / "raw" / f"{name.replace('/', '__')}.json"), task=task,
+                   prompts_per_round=P, samples_per_prompt=16 if problem is not None else samples_per_prompt,
                    problem=None if problem is None else asdict(problem),
                    stop_at=None if problem is None else 0.95)
 
@@ -280,19 +332,19 @@ def make_spec(out: Path, study: str, method: str, seed: int, lr: float, rounds: 
 # -- one-prompt problems ----------------------------------------------------------------------
 
 
-def pick_problems(split_name: str, budget: Budget, targets: dict[str, float]) -> dict[str, dict]:
+def pick_problems(task: str, split_name: str, budget: Budget, targets: dict[str, float]) -> dict[str, dict]:
     """Problems whose starting-model mean accuracy (over `scan_samples`) is closest to each target."""
     import torch
 
     from reval.evaluate import evaluate
 
-    model, tokenizer = load_model(default_model_path())
+    model, tokenizer = load_model(default_model_path(task))
     torch.manual_seed(0)
-    candidates = split(split_name, budget.scan_problems, seed=EVAL_SEED)
+    candidates = TASKS[task].split(split_name, budget.scan_problems, seed=EVAL_SEED)
     rates = []
     for p in candidates:
         res = evaluate(model, tokenizer, [p.question], [p.answer], samples=budget.scan_samples,
-                       max_new_tokens=TrainConfig().rollout.max_new_tokens)
+                       max_new_tokens=TASKS[task].max_new_tokens, greedy=False)
         rates.append(res[f"mean@{budget.scan_samples}"])
     picked, used = {}, set()
     for name, target in targets.items():
@@ -305,62 +357,71 @@ def pick_problems(split_name: str, budget: Budget, targets: dict[str, float]) ->
 # -- stages -----------------------------------------------------------------------------------
 
 
-def tune(out: Path, budget: Budget) -> dict:
-    """Same lr grid for every method on the validation split; winner = best mean accuracy."""
+def tune(out: Path, budget: Budget, task: str, workers: int, fresh: bool) -> dict:
+    """The same lr grid for every method, crossed with its reuse-knob grid, on the validation
+    split (seed 0); winner = best mean accuracy over rounds 1..R (ties: the cheaper K)."""
     t0 = time.time()
-    grid: dict[str, dict[str, float]] = {}
-    print("tuning, main setting (validation split, seed 0)")
-    for method in budget.methods:
-        for lr in budget.lrs:
-            spec = make_spec(out, "tune", method, 0, lr, budget.rounds, "validation", budget.num_eval)
-            curve = launch(spec)[0]["curve"]
-            grid.setdefault(method, {})[f"{lr:g}"] = mean(p["accuracy"] for p in curve[1:])
-    print("tuning, one-prompt setting (a medium validation problem, seed 0)")
-    tune_problem = pick_problems("validation", budget, {"medium": DIFFICULTY["medium"]})["medium"]
-    one_grid: dict[str, dict[str, dict]] = {}
-    specs = [make_spec(out, "tune_one_prompt", method, 0, lr, budget.one_prompt_rounds, "validation", 1,
-                       problem=Problem(**tune_problem["problem"]))
-             for method in budget.one_prompt_methods for lr in budget.one_prompt_lrs]
-    for spec, result in zip(specs, launch(*specs)):  # one process: these runs are short
-        one_grid.setdefault(spec.method, {})[f"{spec.lr:g}"] = {
-            "rounds_to_95": rounds_to(result["curve"], 0.95),
-            "mean_score": round(mean(p["accuracy"] for p in result["curve"][1:]), 4)}
-    result = {
-        "rule": "main: highest mean greedy validation accuracy over rounds 1..R; one-prompt: fewest rounds "
-                "to a 95% score on the tuning problem, ties (and never) broken by the higher mean score",
-        "main": {"grid": grid, "winner": {m: float(max(g, key=g.get)) for m, g in grid.items()}},
-        "one_prompt": {"problem": tune_problem, "grid": one_grid,
-                       "winner": {m: float(min(g, key=lambda lr: (g[lr]["rounds_to_95"] or 10**9,
-                                                                  -g[lr]["mean_score"])))
-                                  for m, g in one_grid.items()}},
-        "minutes": round((time.time() - t0) / 60, 1),
-    }
+    print(f"tuning, main setting ({task}, validation split, seed 0)")
+    specs = [make_spec(out, "tune", m, 0, lr, k, budget.rounds, "validation", budget.num_eval, task)
+             for m in budget.methods for k in budget.ks[m] for lr in budget.lrs]
+    grid: dict[str, list[dict]] = {}
+    for spec, result in zip(specs, launch(specs, workers, fresh)):
+        accs = [p["accuracy"] for p in result["curve"][1:]]
+        grid.setdefault(spec.method, []).append({"lr": spec.lr, "k": spec.k, "algo": spec.algo,
+                                                 "mean_accuracy": round(mean(accs), 4), "final_accuracy": accs[-1]})
+    winner = {m: max(rows, key=lambda r: (r["mean_accuracy"], -r["k"], -r["lr"])) for m, rows in grid.items()}
+    result = {"tuned_on": "validation", "task": task, "rounds": budget.rounds, "seed": 0,
+              "rule": "highest mean greedy validation accuracy over rounds 1..R; ties: smaller K, then smaller lr",
+              "grid": grid, "winner": {m: {k: w[k] for k in ("lr", "k", "algo")} for m, w in winner.items()}}
+    if budget.one_prompt_difficulties:
+        result["one_prompt"] = tune_one_prompt(out, budget, task, workers, fresh)
+    result["minutes"] = round((time.time() - t0) / 60, 1)
     (out / "tuning.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out / 'tuning.json'}")
+    print(f"wrote {out / 'tuning.json'}: " + ", ".join(f"{m} lr {w['lr']:g} K {w['k']}"
+                                                        for m, w in result["winner"].items()))
     return result
 
 
-def run(out: Path, budget: Budget, tuning: dict) -> None:
+def tune_one_prompt(out: Path, budget: Budget, task: str, workers: int, fresh: bool) -> dict:
+    print("tuning, one-prompt setting (a medium validation problem, seed 0)")
+    problem = pick_problems(task, "validation", budget, {"medium": DIFFICULTY["medium"]})["medium"]
+    specs = [make_spec(out, "tune_one_prompt", m, 0, lr, ONE_PROMPT_METHODS[m][1], budget.one_prompt_rounds,
+                       "validation", 1, task, problem=Problem(**problem["problem"]))
+             for m in budget.one_prompt_methods for lr in budget.one_prompt_lrs]
+    grid: dict[str, dict[str, dict]] = {}
+    for spec, result in zip(specs, launch(specs, workers, fresh)):
+        grid.setdefault(spec.method, {})[f"{spec.lr:g}"] = {
+            "rounds_to_95": rounds_to(result["curve"], 0.95),
+            "mean_score": round(mean(p["accuracy"] for p in result["curve"][1:]), 4)}
+    return {"problem": problem, "grid": grid,
+            "winner": {m: float(min(g, key=lambda lr: (g[lr]["rounds_to_95"] or 10**9, -g[lr]["mean_score"])))
+                       for m, g in grid.items()}}
+
+
+def run(out: Path, budget: Budget, tuning: dict, task: str, studies: tuple[str, ...], workers: int,
+        fresh: bool) -> None:
     t0 = time.time()
-    lr_main, lr_one = tuning["main"]["winner"], tuning["one_prompt"]["winner"]
-    print(f"main: {budget.rounds} rounds x 128 answers, test split")
-    for seed in budget.seeds:
-        for method in budget.methods:
-            launch(make_spec(out, "main", method, seed, lr_main[method], budget.rounds, "test", budget.num_eval))
-    print("k_sweep: ReVal with K updates per round, test split (K = 2: the main runs, cut)")
-    for seed in budget.seeds:
-        for k in budget.sweep_ks:
-            if k == METHODS["reval"][2] and "reval" in budget.methods:
-                continue
-            launch(make_spec(out, "k_sweep", "reval", seed, lr_main["reval"], budget.sweep_rounds, "test",
-                             budget.num_eval, k=k))
-    print("one_prompt: single test problems of three difficulties")
-    picked = pick_problems("test", budget, {d: DIFFICULTY[d] for d in budget.one_prompt_difficulties})
-    (out / "one_prompt_problems.json").write_text(json.dumps(picked, indent=2) + "\n")
-    for name, info in picked.items():  # one process per problem: these runs are short
-        launch(*[make_spec(out, f"one_prompt_{name}", method, seed, lr_one[method], budget.one_prompt_rounds,
-                           "test", 1, problem=Problem(**info["problem"]))
-                 for seed in budget.seeds for method in budget.one_prompt_methods])
+    win = tuning["winner"]
+    specs = []
+    if "main" in studies:
+        print(f"main: {budget.rounds} rounds x 128 answers, test split, seeds {list(budget.seeds)}")
+        specs += [make_spec(out, "main", m, seed, win[m]["lr"], win[m]["k"], budget.rounds, "test",
+                            budget.num_eval, task) for seed in budget.seeds for m in budget.methods]
+    if "n1" in studies:
+        print(f"n1: one answer per prompt, 128 prompts per round, seeds {list(budget.n1_seeds)}")
+        specs += [make_spec(out, "n1", m, seed, win[m]["lr"], win[m]["k"], budget.rounds, "test",
+                            budget.num_eval, task, samples_per_prompt=1)
+                  for seed in budget.n1_seeds for m in budget.n1_methods]
+    launch(specs, workers, fresh)
+    if "one_prompt" in studies and "one_prompt" in tuning:
+        print("one_prompt: single test problems of three difficulties")
+        picked = pick_problems(task, "test", budget, {d: DIFFICULTY[d] for d in budget.one_prompt_difficulties})
+        (out / "one_prompt_problems.json").write_text(json.dumps(picked, indent=2) + "\n")
+        lr_one = tuning["one_prompt"]["winner"]
+        launch([make_spec(out, f"one_prompt_{name}", m, seed, lr_one[m], ONE_PROMPT_METHODS[m][1],
+                          budget.one_prompt_rounds, "test", 1, task, problem=Problem(**info["problem"]))
+                for name, info in picked.items() for seed in budget.one_prompt_seeds
+                for m in budget.one_prompt_methods], workers, fresh)
     (out / "run_minutes.json").write_text(json.dumps({"minutes": round((time.time() - t0) / 60, 1)}) + "\n")
     report(out)
 
@@ -377,61 +438,105 @@ def first_reaching(curve: list[dict], target: float, key: str) -> float | None:
 
 
 def load_raw(out: Path, study: str) -> dict[str, list[dict]]:
-    """method (or method@K for the sweep) -> results sorted by seed."""
+    """method -> results sorted by seed."""
     runs: dict[str, list[dict]] = {}
     for path in sorted((out / "raw").glob(f"{study}__*.json")):
         r = json.loads(path.read_text())
-        key = f"K={r['spec']['k']}" if study == "k_sweep" else r["spec"]["method"]
-        runs.setdefault(key, []).append(r)
-    if study == "k_sweep" and runs:  # the main ReVal runs are the sweep's K = 2, cut to its length
-        n = max(len(r["curve"]) for rs in runs.values() for r in rs)
-        for r in load_raw(out, "main").get("reval", []):
-            runs.setdefault(f"K={r['spec']['k']}", []).append({**r, "curve": r["curve"][:n]})
+        runs.setdefault(r["spec"]["method"], []).append(r)
     for v in runs.values():
         v.sort(key=lambda r: r["spec"]["seed"])
     return runs
 
 
 def ratio(numerators: list, denominators: list) -> float | None:
-    """Mean over seeds of a / b; None if either never reached the target in some seed."""
+    """Mean over seeds of a / mean of b; None if either never reached the target in some seed."""
     if None in numerators or None in denominators or not numerators:
         return None
     return round(mean(numerators) / mean(denominators), 2)
 
 
-def summarise(out: Path) -> dict:
-    main = load_raw(out, "main")
+def ratio_spread(numerators: list, denominators: list, never: float, n_boot: int = 2000) -> dict:
+    """The ratio of mean answers (or seconds) to target, with a never-reached seed counted as
+    `never` (so the ratio is then a bound), the per-seed ratios' min-max (seeds paired) and a
+    90% bootstrap interval over seeds."""
+    a = [never if x is None else x for x in numerators]
+    b = [never if x is None else x for x in denominators]
+    rng = random.Random(0)
+    boots = []
+    for _ in range(n_boot):
+        idx = [rng.randrange(len(a)) for _ in a]
+        boots.append(mean(a[i] for i in idx) / mean(b[i] for i in idx))
+    boots.sort()
+    per_seed = [x / y for x, y in zip(a, b)]
+    return {"ratio": round(mean(a) / mean(b), 2), "per_seed_min": round(min(per_seed), 2),
+            "per_seed_max": round(max(per_seed), 2),
+            "bootstrap_90": [round(boots[int(0.05 * n_boot)], 2), round(boots[int(0.95 * n_boot) - 1], 2)],
+            "censored": None in numerators or None in denominators}
+
+
+def _main_summary(main: dict[str, list[dict]], tuning: dict | None) -> dict:
     finals = {m: [r["curve"][-1]["accuracy"] for r in rs] for m, rs in main.items()}
     best_grpo = max((m for m in GRPO_VARIANTS if m in finals), key=lambda m: mean(finals[m]))
     target = round(0.95 * mean(finals[best_grpo]), 4)
     per = {key: {m: [first_reaching(r["curve"], target, key) for r in rs] for m, rs in main.items()}
            for key in ("samples", "seconds")}
-    summary = {
+    budget_answers = next(iter(main.values()))[0]["curve"][-1]["samples"]
+    never_seconds = max(r["curve"][-1]["seconds"] for rs in main.values() for r in rs)
+    spec = {m: rs[0]["spec"] for m, rs in main.items()}
+    return {
         "target_accuracy": target,
         "target_rule": f"0.95 x the mean final test accuracy of the best GRPO variant ({best_grpo})",
+        "tuned_on": tuning.get("tuned_on", "validation") if tuning else "validation",
         "seeds": [r["spec"]["seed"] for r in next(iter(main.values()))],
-        "budget_answers": next(iter(main.values()))[0]["curve"][-1]["samples"],
+        "budget_answers": budget_answers,
         "samples_to_target": per["samples"],
         "seconds_to_target": per["seconds"],
         "final_accuracy": finals,
         "final_accuracy_mean": {m: round(mean(v), 4) for m, v in finals.items()},
-        "lr": {m: rs[0]["spec"]["lr"] for m, rs in main.items()},
-        "updates_per_round": {m: rs[0]["spec"]["k"] for m, rs in main.items()},
+        "lr": {m: s["lr"] for m, s in spec.items()},
+        "K": {m: s["k"] for m, s in spec.items()},
+        "algo": {m: s["algo"] for m, s in spec.items()},
         "generate_seconds": {m: [round(r["generate_seconds"], 1) for r in rs] for m, rs in main.items()},
         "update_seconds": {m: [round(r["update_seconds"], 1) for r in rs] for m, rs in main.items()},
         "peak_rss_mb": {m: [round(r["peak_rss_mb"]) for r in rs] for m, rs in main.items()},
-        "answers_ratio_vs_reval": {m: ratio(per["samples"][m], per["samples"]["reval"])
-                                   for m in GRPO_VARIANTS if m in main and "reval" in main},
-        "seconds_ratio_vs_reval": {m: ratio(per["seconds"][m], per["seconds"]["reval"])
-                                   for m in GRPO_VARIANTS if m in main and "reval" in main},
+        # never reached = one round past the budget (answers) or the slowest run's seconds
+        "answers_ratio_vs_reval": {m: ratio_spread(per["samples"][m], per["samples"]["reval"],
+                                                   budget_answers + 128)
+                                   for m in main if m != "reval" and "reval" in main},
+        "seconds_ratio_vs_reval": {m: ratio_spread(per["seconds"][m], per["seconds"]["reval"], never_seconds)
+                                   for m in main if m != "reval" and "reval" in main},
     }
-    sweep = load_raw(out, "k_sweep")
-    if sweep:
-        summary["k_sweep"] = {k: {"rounds": len(rs[0]["curve"]) - 1,
-                                  "samples_to_target": [first_reaching(r["curve"], target, "samples") for r in rs],
-                                  "final_accuracy": [r["curve"][-1]["accuracy"] for r in rs],
-                                  "seconds": [round(r["curve"][-1]["seconds"], 1) for r in rs]}
-                              for k, rs in sorted(sweep.items(), key=lambda kv: int(kv[0][2:]))}
+
+
+def _n1_summary(runs: dict[str, list[dict]]) -> dict:
+    finals = {m: [r["curve"][-1]["accuracy"] for r in rs] for m, rs in runs.items()}
+    target = round(0.95 * mean(finals["grpo"]), 4) if "grpo" in finals else None
+    rounds = {m: [rounds_to(r["curve"], target) for r in rs] for m, rs in runs.items()}
+    seconds = {m: [first_reaching(r["curve"], target, "seconds") for r in rs] for m, rs in runs.items()}
+    n = max(len(r["curve"]) for rs in runs.values() for r in rs)
+    out = {"target_accuracy": target, "target_rule": "0.95 x the mean final test accuracy of GRPO at N = 1",
+           "answers_per_round": 128, "rounds_to_target": rounds, "seconds_to_target": seconds,
+           "final_accuracy": finals, "K": {m: rs[0]["spec"]["k"] for m, rs in runs.items()},
+           "lr": {m: rs[0]["spec"]["lr"] for m, rs in runs.items()}}
+    if "grpo" in runs and "reval" in runs:
+        out["grpo_over_reval_rounds"] = ratio_spread(rounds["grpo"], rounds["reval"], n)
+        out["grpo_over_reval_seconds"] = ratio_spread(
+            seconds["grpo"], seconds["reval"], max(r["curve"][-1]["seconds"] for rs in runs.values() for r in rs))
+    return out
+
+
+def summarise(out: Path) -> dict:
+    tuning_file = out / "tuning.json"
+    tuning = json.loads(tuning_file.read_text()) if tuning_file.exists() else None
+    summary: dict = {}
+    main = load_raw(out, "main")
+    if main:
+        summary.update(_main_summary(main, tuning))
+    if tuning:
+        summary["tuning_winners"] = tuning["winner"]
+    n1 = load_raw(out, "n1")
+    if n1:
+        summary["n1"] = _n1_summary(n1)
     problems_file = out / "one_prompt_problems.json"
     if problems_file.exists():
         one = {}
@@ -458,6 +563,16 @@ def report(out: Path) -> dict:
     return summary
 
 
+def _curves(ax, runs: dict[str, list[dict]], xkey: str, labels: dict[str, str]) -> None:
+    for method, rs in runs.items():
+        n = min(len(r["curve"]) for r in rs)
+        xs = [mean(r["curve"][i][xkey] for r in rs) for i in range(n)]
+        accs = [[100 * r["curve"][i]["accuracy"] for r in rs] for i in range(n)]
+        ax.plot(xs, [mean(a) for a in accs], marker="o", ms=2, label=f"{labels.get(method, method)} "
+                                                                      f"(mean of {len(rs)})")
+        ax.fill_between(xs, [min(a) for a in accs], [max(a) for a in accs], alpha=0.15)
+
+
 def plot(out: Path, summary: dict) -> None:
     import matplotlib
 
@@ -465,65 +580,54 @@ def plot(out: Path, summary: dict) -> None:
     import matplotlib.pyplot as plt
 
     main = load_raw(out, "main")
+    labels = {m: f"{summary['algo'][m]} lr {summary['lr'][m]:g} K {summary['K'][m]}" for m in main} if main else {}
     for xkey, xlabel, fname in (("samples", "answers generated", "accuracy_vs_answers.png"),
                                 ("seconds", "training seconds (generation + updates, eval excluded)",
                                  "accuracy_vs_seconds.png")):
+        if not main:
+            break
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        for method, rs in main.items():
-            n = min(len(r["curve"]) for r in rs)
-            xs = [mean(r["curve"][i][xkey] for r in rs) for i in range(n)]
-            accs = [[100 * r["curve"][i]["accuracy"] for r in rs] for i in range(n)]
-            ax.plot(xs, [mean(a) for a in accs], marker="o", ms=3, label=f"{method} (mean of {len(rs)})")
-            ax.fill_between(xs, [min(a) for a in accs], [max(a) for a in accs], alpha=0.15)
+        _curves(ax, main, xkey, {m: f"{m}: {lab}" for m, lab in labels.items()})
         ax.axhline(100 * summary["target_accuracy"], color="grey", ls="--", lw=1, label="target")
         ax.set_xlabel(xlabel)
         ax.set_ylabel("test accuracy, greedy (%)")
-        ax.set_title("Embedded addition task: mean over seeds, band = min..max")
+        ax.set_title("Mean over seeds, band = min..max (settings tuned on validation)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(out / fname, dpi=100)
         plt.close(fig)
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    if "k_sweep" in summary:
-        ks = [int(k[2:]) for k in summary["k_sweep"]]
-        finals = [[100 * a for a in v["final_accuracy"]] for v in summary["k_sweep"].values()]
-        axes[0].errorbar(ks, [mean(f) for f in finals], yerr=[[mean(f) - min(f) for f in finals],
-                         [max(f) - mean(f) for f in finals]], marker="o", capsize=3, label="ReVal")
-        grpo_final = summary["final_accuracy"].get("grpo")
-        if grpo_final:
-            axes[0].axhline(100 * mean(grpo_final), color="C3", ls="--",
-                            label=f"our GRPO after {summary['budget_answers']} answers")
-        rounds = next(iter(summary["k_sweep"].values()))["rounds"]
-        _k_axis(axes[0], f"test accuracy after {rounds} rounds (%)", "Full task")
-    for i, (name, res) in enumerate(summary.get("one_prompt", {}).items()):
-        cap = res["max_rounds"] + 1  # "never" drawn above the budget
-        ks, ys = [], []
-        for m, rounds in res["rounds_to_95"].items():
-            if m.startswith("reval_k"):
-                ks.append(int(m[7:]))
-                ys.append(mean(r or cap for r in rounds))
-        order = sorted(range(len(ks)), key=ks.__getitem__)
-        line = axes[1].plot([ks[j] for j in order], [ys[j] for j in order], marker="o",
-                            label=f"ReVal, {name} ({100 * res['start_accuracy']:.0f}% at start)", color=f"C{i}")
-        if "grpo" in res["rounds_to_95"]:
-            axes[1].axhline(mean(r or cap for r in res["rounds_to_95"]["grpo"]), ls="--",
-                            color=line[0].get_color(), label=f"GRPO, {name}")
-    if summary.get("one_prompt"):
-        _k_axis(axes[1], "rounds to a 95% score (mean over seeds)", "One-prompt setting (never = budget + 1)")
-    fig.tight_layout()
-    fig.savefig(out / "k_sweep.png", dpi=100)
-    plt.close(fig)
-
-
-def _k_axis(ax, ylabel: str, title: str) -> None:
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("K (updates per generation round)")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
+    tuning_file = out / "tuning.json"
+    if tuning_file.exists():
+        grid = json.loads(tuning_file.read_text())["grid"]
+        fig, axes = plt.subplots(1, len(grid), figsize=(3.2 * len(grid), 3.2), sharey=True)
+        for ax, (method, rows) in zip(list(getattr(axes, "flat", [axes])), grid.items()):
+            for lr in sorted({r["lr"] for r in rows}):
+                pts = sorted((r["k"], 100 * r["mean_accuracy"]) for r in rows if r["lr"] == lr)
+                ax.plot([k for k, _ in pts], [a for _, a in pts], marker="o", label=f"lr {lr:g}")
+            ax.set_xscale("log", base=2)
+            ax.set_title(method)
+            ax.set_xlabel("K (reuse per round)")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+        list(getattr(axes, "flat", [axes]))[0].set_ylabel("mean validation accuracy, rounds 1..R (%)")
+        fig.tight_layout()
+        fig.savefig(out / "tuning.png", dpi=100)
+        plt.close(fig)
+    n1 = load_raw(out, "n1")
+    if n1:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        _curves(ax, n1, "samples", {})
+        if summary["n1"]["target_accuracy"]:
+            ax.axhline(100 * summary["n1"]["target_accuracy"], color="grey", ls="--", lw=1, label="target")
+        ax.set_xlabel("answers generated (128 prompts x 1 answer per round)")
+        ax.set_ylabel("test accuracy, greedy (%)")
+        ax.set_title("One answer per prompt (N = 1)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "n1.png", dpi=100)
+        plt.close(fig)
 
 
 def print_table(summary: dict) -> None:
@@ -533,14 +637,18 @@ def print_table(summary: dict) -> None:
     def fmt(values, scale=1.0, unit=""):
         return " / ".join("never" if v is None else f"{scale * v:.0f}{unit}" for v in values)
 
-    t = Table(title=f"main study, test split; target = {100 * summary['target_accuracy']:.1f}%")
-    for col in ("method", "lr", "K", "answers to target", "seconds to target", "final acc", "peak RSS MB"):
-        t.add_column(col, justify="right")
-    for m in summary["final_accuracy"]:
-        t.add_row(m, f"{summary['lr'][m]:g}", str(summary["updates_per_round"][m]),
-                  fmt(summary["samples_to_target"][m]), fmt(summary["seconds_to_target"][m]),
-                  fmt(summary["final_accuracy"][m], 100, "%"), fmt(summary["peak_rss_mb"][m]))
-    Console().print(t)
+    if "final_accuracy" in summary:
+        t = Table(title=f"main study, test split; target = {100 * summary['target_accuracy']:.1f}%")
+        for col in ("method", "algo", "lr", "K", "answers to target", "seconds to target", "final acc"):
+            t.add_column(col, justify="right")
+        for m in summary["final_accuracy"]:
+            t.add_row(m, summary["algo"][m], f"{summary['lr'][m]:g}", str(summary["K"][m]),
+                      fmt(summary["samples_to_target"][m]), fmt(summary["seconds_to_target"][m]),
+                      fmt(summary["final_accuracy"][m], 100, "%"))
+        Console().print(t)
+    if "n1" in summary:
+        n1 = summary["n1"]
+        print("N = 1: rounds to target " + ", ".join(f"{m} {fmt(r)}" for m, r in n1["rounds_to_target"].items()))
     for name, res in summary.get("one_prompt", {}).items():
         print(f"one prompt, {name} ({100 * res['start_accuracy']:.0f}% at start): rounds to 95% "
               + ", ".join(f"{m} {fmt(r)}" for m, r in res["rounds_to_95"].items()))
@@ -549,19 +657,28 @@ def print_table(summary: dict) -> None:
 def main() -> None:
     cfg = tyro.cli(BenchConfig)
     if cfg.stage == "child":
-        run_child([RunSpec(**d) for d in json.loads(cfg.spec.read_text())])
+        run_child(RunSpec(**json.loads(cfg.spec.read_text())))
         return
     budget = QUICK if cfg.quick else Budget()
-    out = cfg.out or (Path("runs/bench-quick") if cfg.quick else RESULTS)
+    if cfg.rounds:
+        budget.rounds = cfg.rounds
+    out = cfg.out or (Path("runs/bench-quick") / cfg.task if cfg.quick else RESULTS / cfg.task)
     out.mkdir(parents=True, exist_ok=True)
+    studies = cfg.studies
+    if cfg.quick and cfg.task == "add":
+        studies = (*studies, "one_prompt")
+    if "one_prompt" not in studies:
+        budget.one_prompt_difficulties = ()
+    elif not budget.one_prompt_difficulties:
+        budget.one_prompt_difficulties = tuple(DIFFICULTY)
     if cfg.stage in ("tune", "all"):
-        tune(out, budget)
+        tune(out, budget, cfg.task, cfg.workers, cfg.fresh)
     if cfg.stage in ("run", "all"):
         tuning_file = out / "tuning.json"
         if not tuning_file.exists():
-            raise SystemExit(f"{tuning_file} not found: run `python benchmarks/bench.py tune"
+            raise SystemExit(f"{tuning_file} not found: run `python benchmarks/bench.py tune --task {cfg.task}"
                              f"{' --quick' if cfg.quick else ''}` first")
-        run(out, budget, json.loads(tuning_file.read_text()))
+        run(out, budget, json.loads(tuning_file.read_text()), cfg.task, studies, cfg.workers, cfg.fresh)
     if cfg.stage == "report":
         report(out)
 

@@ -1,4 +1,4 @@
-"""The benchmark's bookkeeping: targets, answers to target, ratios and the K sweep (no training)."""
+"""The benchmark's bookkeeping: targets, answers to target, ratios with their spread (no training)."""
 
 import importlib.util
 import json
@@ -14,11 +14,11 @@ spec.loader.exec_module(bench)
 
 
 def _write(out: Path, study: str, method: str, seed: int, accs: list[float], k: int = 1,
-           seconds_per_round: float = 2.0, answers_per_round: int = 128) -> None:
+           seconds_per_round: float = 2.0, answers_per_round: int = 128, algo: str | None = None) -> None:
     curve = [{"round": i, "samples": i * answers_per_round, "seconds": i * seconds_per_round, "accuracy": a}
              for i, a in enumerate(accs)]
     result = {"curve": curve, "generate_seconds": 1.0, "update_seconds": 2.0, "peak_rss_mb": 900.0,
-              "spec": {"method": method, "seed": seed, "k": k, "lr": 3e-4}}
+              "spec": {"method": method, "seed": seed, "k": k, "lr": 3e-4, "algo": algo or method}}
     (out / "raw").mkdir(parents=True, exist_ok=True)
     (out / "raw" / f"{study}__{method}-k{k}-s{seed}.json").write_text(json.dumps(result))
 
@@ -29,7 +29,11 @@ def results(tmp_path):
         _write(tmp_path, "main", "reval", seed, [0.3, 0.9, 0.96, 0.98], k=2, seconds_per_round=4.0)
         _write(tmp_path, "main", "grpo", seed, [0.3, 0.5, 0.9, 0.9 + 0.02 * seed])
         _write(tmp_path, "main", "trl_grpo", seed, [0.3, 0.4, 0.5, 0.8 if seed else 0.86])
-        _write(tmp_path, "k_sweep", "reval", seed, [0.3, 0.4, 0.6], k=1)
+        _write(tmp_path, "n1", "reval", seed, [0.3, 0.5, 0.8, 0.9], k=8, seconds_per_round=3.0)
+        _write(tmp_path, "n1", "grpo", seed, [0.3, 0.4, 0.6, 0.9])
+    (tmp_path / "tuning.json").write_text(json.dumps({"tuned_on": "validation", "winner": {
+        "reval": {"lr": 3e-4, "k": 2, "algo": "reval"}},
+        "grid": {"reval": [{"lr": 3e-4, "k": 1, "mean_accuracy": 0.5}, {"lr": 3e-4, "k": 2, "mean_accuracy": 0.6}]}}))
     return tmp_path
 
 
@@ -42,23 +46,40 @@ def test_target_and_answers_to_target(results):
     assert s["samples_to_target"]["trl_grpo"] == [None, None]  # never reached: recorded as null
     assert s["seconds_to_target"]["reval"] == [4.0, 4.0] and s["seconds_to_target"]["grpo"] == [4.0, 4.0]
     assert s["final_accuracy"]["trl_grpo"] == [0.86, 0.8]
-    assert s["answers_ratio_vs_reval"] == {"grpo": 2.0, "trl_grpo": None}
-    assert s["seconds_ratio_vs_reval"]["grpo"] == 1.0
+    assert s["answers_ratio_vs_reval"]["grpo"]["ratio"] == 2.0
+    assert not s["answers_ratio_vs_reval"]["grpo"]["censored"]
+    # TRL never got there: counted as one round past the budget (512 answers), a lower bound
+    assert s["answers_ratio_vs_reval"]["trl_grpo"] == {"ratio": 4.0, "per_seed_min": 4.0, "per_seed_max": 4.0,
+                                                       "bootstrap_90": [4.0, 4.0], "censored": True}
+    assert s["seconds_ratio_vs_reval"]["grpo"]["ratio"] == 1.0
+    assert s["tuned_on"] == "validation" and s["K"]["reval"] == 2 and s["lr"]["reval"] == 3e-4
     assert s["peak_rss_mb"]["reval"] == [900, 900]
 
 
-def test_k_sweep_reuses_the_main_runs_cut_to_the_sweep_length(results):
-    sweep = bench.summarise(results)["k_sweep"]
-    assert list(sweep) == ["K=1", "K=2"]
-    assert sweep["K=2"]["final_accuracy"] == [0.96, 0.96]  # main ReVal after 2 rounds, not 3
-    assert sweep["K=1"]["samples_to_target"] == [None, None]
+def test_n1_rounds_to_target(results):
+    n1 = bench.summarise(results)["n1"]
+    assert n1["target_accuracy"] == pytest.approx(0.95 * 0.9)  # GRPO's mean final at N = 1
+    assert n1["rounds_to_target"] == {"reval": [3, 3], "grpo": [3, 3]}
+    assert n1["grpo_over_reval_rounds"]["ratio"] == 1.0
+    assert n1["grpo_over_reval_seconds"]["ratio"] == pytest.approx(6.0 / 9.0, abs=0.01)
+
+
+def test_ratio_spread_pairs_seeds_and_bootstraps():
+    s = bench.ratio_spread([200, 400, 600], [100, 100, 200], never=1000)
+    assert s["ratio"] == 3.0 and s["per_seed_min"] == 2.0 and s["per_seed_max"] == 4.0
+    assert s["bootstrap_90"][0] <= 3.0 <= s["bootstrap_90"][1] and not s["censored"]
 
 
 def test_report_writes_summary_and_plots(results):
     bench.report(results)
-    for name in ("summary.json", "accuracy_vs_answers.png", "accuracy_vs_seconds.png", "k_sweep.png"):
+    for name in ("summary.json", "accuracy_vs_answers.png", "accuracy_vs_seconds.png", "tuning.png", "n1.png"):
         assert (results / name).stat().st_size > 0
     assert json.loads((results / "summary.json").read_text())["target_accuracy"] > 0
+
+
+def test_tbrm_reuse_is_tbrm_with_replay():
+    assert bench.algo_of("tbrm", 1) == "tbrm" and bench.algo_of("tbrm", 4) == "tbrm_replay"
+    assert bench.algo_of("reval", 8) == "reval" and bench.algo_of("grpo", 2) == "grpo"
 
 
 def test_ratio_and_first_reaching():

@@ -162,3 +162,34 @@ def test_presets_follow_the_paper(name, variant, reset):
     base.algo = "tbrm"
     assert base.updates_per_round == 1
     json.dumps(base.to_dict())
+
+
+# -- a sampler that is not the policy -----------------------------------------------------------
+
+
+def test_sampler_weight_truncates_and_scales_the_token_loss():
+    from reval.losses.grpo import grpo_loss, sampler_weight
+
+    old = torch.tensor([[0.0, 0.0, -1.0]])
+    sampler = torch.tensor([[0.0, -2.0, -0.5]])  # pi_old / pi_sampler = 1, e^2 (capped at 2), e^-0.5
+    w = sampler_weight(old, sampler, cap=2.0)
+    assert w[0].tolist() == pytest.approx([1.0, 2.0, float(torch.exp(torch.tensor(-0.5)))])
+    logp, mask, adv = old.clone(), torch.ones(1, 3), torch.tensor([1.0])
+    loss, m = grpo_loss(logp, old, mask, adv, weight=w)
+    assert loss.item() == pytest.approx(-w.sum().item() / 3)  # ratio 1: the loss is -A x weight
+    assert m["loss/sampler_weight_mean"] == pytest.approx(w.mean().item())
+
+
+def test_grpo_with_a_stale_sampler_is_corrected(tmp_path):
+    """sync_every = 3: the sampler is the policy only in rounds 0, 3, ...; there the weights are
+    exactly 1, in the stale rounds they are not (today's code applied no correction at all).
+    The shipped model, so that rewards (and updates) are not all zero."""
+    cfg = TrainConfig(algo="grpo", rounds=5, out=tmp_path / "stale", progress=False, checkpoint_every=0)
+    cfg.rollout.prompts_per_round, cfg.rollout.samples_per_prompt, cfg.rollout.sync_every = 8, 4, 3
+    cfg.buffer.capacity, cfg.optim.micro_batch_size, cfg.task.num_test, cfg.eval.samples = 32, 16, 4, 0
+    cfg.optim.lr = 3e-3  # a visible drift between policy and stale sampler
+    train_mod.train(cfg)
+    rounds = [r for r in read_metrics(tmp_path / "stale" / "metrics.jsonl") if "rollout/reward_mean" in r]
+    weights = [r.get("loss/sampler_weight_mean") for r in rounds]
+    assert weights[0] == 1.0 and weights[3] == 1.0
+    assert all(w is not None and w != 1.0 for w in (weights[1], weights[2], weights[4]))

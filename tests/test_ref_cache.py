@@ -32,7 +32,7 @@ def test_cached_values_are_what_the_reference_computes(monkeypatch, tiny_dir, tm
     checked = {"hits": 0, "rows": 0}
     real_update = train_mod.update
 
-    def spy(policy, reference, opt, batch, cfg, old_logp, accelerator, ref_cache, ref_version):
+    def spy(policy, reference, opt, batch, cfg, old_logp, accelerator, ref_cache, ref_version, *rest):
         for micro in train_mod.micro_batches(batch, cfg.optim.micro_batch_size):
             hit = ref_cache.get(micro.uid, ref_version, micro.response_ids.shape[1])
             checked["rows"] += len(micro)
@@ -41,7 +41,7 @@ def test_cached_values_are_what_the_reference_computes(monkeypatch, tiny_dir, tm
                 torch.testing.assert_close(hit[0], want[0], atol=1e-5, rtol=1e-5)
                 torch.testing.assert_close(hit[1], want[1], atol=1e-5, rtol=1e-5)
                 checked["hits"] += len(micro)
-        return real_update(policy, reference, opt, batch, cfg, old_logp, accelerator, ref_cache, ref_version)
+        return real_update(policy, reference, opt, batch, cfg, old_logp, accelerator, ref_cache, ref_version, *rest)
 
     monkeypatch.setattr(train_mod, "update", spy)
     cfg = TrainConfig(algo="reval", rounds=5, out=tmp_path / "run", progress=False, checkpoint_every=0)

@@ -41,6 +41,14 @@ def test_to_samples_prompt_major_eos_cut_and_truncation():
     assert s.truncated == [False, True, False, True]
 
 
+def test_to_samples_with_sampler_logprobs_cut_like_the_answer():
+    steps = [{t: SimpleNamespace(logprob=-0.1 * t)} for t in (5, EOS, 6)]
+    outputs = [SimpleNamespace(outputs=[SimpleNamespace(token_ids=[5, EOS, 6], finish_reason="stop", index=0,
+                                                        logprobs=steps)])]
+    s = _to_samples(outputs, [[3]], eos_ids=[EOS], max_new_tokens=4, with_logprobs=True)
+    assert s.response_ids == [[5, EOS]] and s.logprobs == [[-0.5, -0.1 * EOS]]
+
+
 def test_to_samples_orders_by_index_and_uses_every_eos_id():
     # completions arrive out of order; 50 is a generation-config EOS besides the tokenizer's
     outputs = [_request(([20, 50, 21], "stop", 1), ([30, 31], "length", 0))]
@@ -215,8 +223,6 @@ def test_generator_plumbing_with_fake_vllm(fake_vllm, tiny_dir):
     assert all(p.n == 1 and p.temperature == 0.0 and p.seed is None for p in gparams)
     assert len(g.response_ids) == 4 and g.response_ids[0] == g.response_ids[1]
     assert gen.generate([]).response_ids == []
-    with pytest.raises(ValueError, match="log-probs"):
-        gen.generate(prompts, return_logprobs=True)
 
     model = build_tiny_model(len(tok), hidden=32, layers=2, heads=2)
     gen.sync_weights(model)

@@ -149,6 +149,10 @@ class LossConfig:
     iterations, i.e. rounds) or optimizer updates (K per round)."""
     drop_truncated: bool = False
     """Drop answers cut at max_new_tokens instead of training on them with reward 0."""
+    sampler_weight_cap: float = 2.0
+    """GRPO with a sampler that is not the policy (vLLM, `rollout.sync_every` > 1): weight each
+    token by min(pi_old / pi_sampler, cap), truncated importance sampling; 0 turns it off.
+    ReVal and TBRM need no correction (their residual holds for any sampling distribution)."""
 
 
 @dataclass
@@ -169,8 +173,9 @@ class OptimConfig:
 class EvalConfig:
     every: int = 5
     """Evaluate every N rounds (and after the last); 0 only evaluates at start and end."""
-    samples: int = 4
-    """k for mean@k sampled accuracy (0: greedy only)."""
+    samples: int = 0
+    """k for mean@k sampled accuracy (0: greedy only). Each sampled answer costs about as much
+    as a training answer: k = 4 on 200 problems is 6 rollouts' worth, so it is off by default."""
 
 
 @dataclass
@@ -239,6 +244,8 @@ class TrainConfig:
             ("loss.clip_low", 0 <= self.loss.clip_low < 1, "in [0, 1)"),
             ("loss.clip_high", self.loss.clip_high >= 0, ">= 0"),
             ("loss.ref_reset_every", self.loss.ref_reset_every >= 0, ">= 0 (0 = never)"),
+            ("loss.sampler_weight_cap", self.loss.sampler_weight_cap == 0 or 1 <= self.loss.sampler_weight_cap
+             < float("inf"), "0 (off) or a finite value >= 1"),
             ("buffer.updates_per_round", self.buffer.updates_per_round is None or self.buffer.updates_per_round >= 1,
              ">= 1 (or unset for the algorithm's default)"),
             ("buffer.capacity", self.buffer.capacity >= self.batch_size,

@@ -70,25 +70,29 @@ def _import_vllm():
 
 
 def _to_samples(outputs: Sequence[Any], prompt_ids: Sequence[Sequence[int]], eos_ids,
-                max_new_tokens: int) -> Samples:
+                max_new_tokens: int, with_logprobs: bool = False) -> Samples:
     """vLLM `RequestOutput`s (one per prompt, `.outputs[j].token_ids`) -> `Samples`.
 
     Prompt-major: the answers of prompt i are adjacent, ordered by their `index`. Each
     answer is cut after its first EOS (kept); an answer without EOS within
-    `max_new_tokens` is truncated (vLLM's finish_reason "length").
+    `max_new_tokens` is truncated (vLLM's finish_reason "length"). With `with_logprobs`,
+    each answer's sampled-token log-probs (vLLM's `logprobs=0`) come along.
     """
     if len(outputs) != len(prompt_ids):
         raise ValueError(f"{len(outputs)} vLLM outputs for {len(prompt_ids)} prompts")
     eos = {int(i) for i in eos_ids}
-    samples = Samples([], [], [])
+    samples = Samples([], [], [], [] if with_logprobs else None)
     for request, prompt in zip(outputs, prompt_ids):
         prompt = list(prompt)
         for completion in sorted(request.outputs, key=lambda c: getattr(c, "index", 0)):
             seq = list(completion.token_ids)[:max_new_tokens]
             eos_at = next((j for j, t in enumerate(seq) if t in eos), None)
+            cut = len(seq) if eos_at is None else eos_at + 1
             samples.prompt_ids.append(prompt)
-            samples.response_ids.append(seq if eos_at is None else seq[:eos_at + 1])
+            samples.response_ids.append(seq[:cut])
             samples.truncated.append(eos_at is None)
+            if with_logprobs:  # one {token id: Logprob} per generated token, the sampled one included
+                samples.logprobs.append([float(step[t].logprob) for step, t in zip(completion.logprobs, seq[:cut])])
     return samples
 
 
@@ -250,8 +254,6 @@ class VLLMGenerator:
         identical copies). With `seed`, prompt i draws from seeds derived from (seed, i), so
         a call is reproducible; without, vLLM's engine RNG is used.
         """
-        if return_logprobs:
-            raise ValueError("the vLLM backend does not return sampler log-probs (nothing uses them)")
         if not prompts:
             return Samples([], [], [])
         prompt_ids = self.tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
@@ -271,6 +273,9 @@ class VLLMGenerator:
             seed=s,
             stop_token_ids=list(self.eos_token_ids),  # the stop token stays in token_ids
             detokenize=False,
+            # the sampled token's log-prob, of the raw logits (vLLM's default logprobs_mode), i.e.
+            # at temperature 1 as the loss computes it: GRPO's sampler correction needs it
+            logprobs=0 if return_logprobs else None,
         ) for s in seeds]
         # a TokensPrompt is a TypedDict: {"prompt_token_ids": [...]}
         requests = [{"prompt_token_ids": list(ids)} for ids in prompt_ids]
@@ -279,4 +284,4 @@ class VLLMGenerator:
         self._sleep()
         if greedy and samples_per_prompt > 1:
             outputs = [SimpleNamespace(outputs=list(o.outputs) * samples_per_prompt) for o in outputs]
-        return _to_samples(outputs, prompt_ids, self.eos_token_ids, max_new_tokens)
+        return _to_samples(outputs, prompt_ids, self.eos_token_ids, max_new_tokens, with_logprobs=return_logprobs)

@@ -41,6 +41,7 @@ from reval.checkpoint import clear_staging, latest_checkpoint, rng_state, save_c
 from reval.config import TrainConfig
 from reval.distributed import LogProbModule, all_ranks_true, full_params, is_sharded, make_accelerator
 from reval.evaluate import evaluate
+from reval.logprobs import sequence_logprobs
 from reval.losses import ALGORITHMS
 from reval.metrics import MetricsLogger, read_metrics
 from reval.model import (add_lora, default_model_path, eos_token_ids, format_prompt, load_model,
@@ -56,11 +57,13 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 def update(policy, reference, optimizer, batch: Batch, cfg: TrainConfig,
            old_logp: list[torch.Tensor] | None = None, accelerator=None,
-           ref_cache: RefCache | None = None, ref_version: int = 0) -> dict:
+           ref_cache: RefCache | None = None, ref_version: int = 0,
+           sampler_logp: list[torch.Tensor] | None = None) -> dict:
     """One optimizer step on `batch`, accumulated over micro-batches.
 
     `policy` is a `LogProbModule` (possibly wrapped by DDP / FSDP / DeepSpeed), `reference`
-    a `Reference` (or None), `old_logp` GRPO's pi_old per micro-batch (`old_logprobs`).
+    a `Reference` (or None), `old_logp` GRPO's pi_old per micro-batch (`old_logprobs`),
+    `sampler_logp` the sampler's log-probs per micro-batch when it is not the policy.
     Each micro-batch loss is normalised by the whole batch's trajectory (or token) count,
     so the summed gradient equals the full-batch gradient whatever the micro-batch size.
     Reference log-probs come from `ref_cache` when every row of a micro-batch is cached at
@@ -95,6 +98,8 @@ def update(policy, reference, optimizer, batch: Batch, cfg: TrainConfig,
             t["logp"], t["v"] = policy(micro)
             if algo.needs_old_logp:  # pi_old: the sampling policy (no grad); equals pi_theta on the 1st update
                 t["old_logp"] = old_logp[i].to(device) if old_logp is not None else t["logp"].detach()
+                if sampler_logp is not None:
+                    t["sampler_logp"] = sampler_logp[i].to(device)
             loss, metrics = algo.compute(t, cfg.loss, denom)
             accelerator.backward(loss) if accelerator is not None else loss.backward()
         total_loss += loss.item()
@@ -124,6 +129,27 @@ def update(policy, reference, optimizer, batch: Batch, cfg: TrainConfig,
 def micro_batches(batch: Batch, size: int) -> list[Batch]:
     """The micro-batches of `batch` (rows in order), each trimmed to its own prompts and lengths."""
     return [batch.slice(start, start + size) for start in range(0, len(batch), size)]
+
+
+@torch.no_grad()
+def sampler_logprobs(generator, samples, batch: Batch, cfg: TrainConfig, first_uid: int,
+                     accelerator) -> list[torch.Tensor]:
+    """log pi_sampler of each answer token, per micro-batch: what the sampler returned (vLLM),
+    or a teacher-forced pass of the HF sampler's own (stale) copy of the weights, which takes
+    the policy's numerical path, so a freshly synced sampler gives weights of exactly 1."""
+    micros = micro_batches(batch, cfg.optim.micro_batch_size)
+    if samples.logprobs is None:
+        with accelerator.autocast():
+            return [sequence_logprobs(generator.model, m.to(accelerator.device), cfg.model.logprob_chunk,
+                                      cfg.shared_prefix)[0].float() for m in micros]
+    out = []
+    for m in micros:  # answer i of the round has uid first_uid + i
+        logp = torch.zeros(m.response_ids.shape)
+        for row, uid in enumerate(m.uid.tolist()):
+            values = samples.logprobs[uid - first_uid]
+            logp[row, : len(values)] = torch.tensor(values)
+        out.append(logp)
+    return out
 
 
 @torch.no_grad()
@@ -294,6 +320,9 @@ def train(cfg: TrainConfig, resume: bool = False, *, problems: list | None = Non
                          f"rollout.max_new_tokens={cfg.max_new_tokens} it exceeds the model's "
                          f"context of {model.config.max_position_embeddings}")
     generator = _make_generator(cfg, model, tokenizer, eos_ids, start_path)
+    # GRPO's pi_old must be corrected towards the sampler when the sampler is not the policy
+    correct_sampler = algo.needs_old_logp and cfg.loss.sampler_weight_cap > 0 and (
+        cfg.rollout.sync_every > 1 or cfg.rollout.backend == "vllm")
     prompts_per_rank = cfg.rollout.prompts_per_round // world
     batch_per_rank = cfg.batch_size // world
 
@@ -367,7 +396,7 @@ def train(cfg: TrainConfig, resume: bool = False, *, problems: list | None = Non
             with full_params(accelerator, policy) if cfg.rollout.backend == "hf" else contextlib.nullcontext():
                 samples = generator.generate(prompts, samples_per_prompt=G, temperature=cfg.rollout.temperature,
                                              top_p=cfg.rollout.top_p, max_new_tokens=cfg.max_new_tokens,
-                                             seed=seed)
+                                             seed=seed, return_logprobs=correct_sampler and cfg.rollout.backend == "vllm")
             t_gen = time.time() - t_round
             # 3. rewards
             completions = tokenizer.batch_decode(samples.response_ids, skip_special_tokens=True)
@@ -379,9 +408,10 @@ def train(cfg: TrainConfig, resume: bool = False, *, problems: list | None = Non
             for i, trunc in enumerate(samples.truncated):
                 if trunc and rewards[i] is not None:
                     rewards[i] = None if cfg.loss.drop_truncated else 0.0  # no EOS: reward 0
+            first_uid = (rnd * world + rank) * batch_per_rank
             fresh = to_experiences(samples, rewards, samples_per_prompt=G, version=counters["sampler_version"],
                                    round=rnd, first_group_id=(rnd * world + rank) * prompts_per_rank,
-                                   first_uid=(rnd * world + rank) * batch_per_rank)
+                                   first_uid=first_uid)
             counters["samples"] += len(completions) * world
             # 4. buffer
             if algo.replay:
@@ -390,9 +420,11 @@ def train(cfg: TrainConfig, resume: bool = False, *, problems: list | None = Non
             t_upd = time.time()
             upd_metrics: list[dict] = []
             fresh_batch = collate(fresh, tokenizer.pad_token_id) if fresh else None
-            old_logp = None
+            old_logp = sampler_logp = None
             if algo.needs_old_logp and cfg.updates_per_round > 1 and fresh_batch is not None:
                 old_logp = old_logprobs(policy, fresh_batch, cfg, accelerator.device)
+            if correct_sampler and fresh_batch is not None:
+                sampler_logp = sampler_logprobs(generator, samples, fresh_batch, cfg, first_uid, accelerator)
             for k in range(cfg.updates_per_round):
                 if not algo.replay or (k == 0 and cfg.buffer.first_update_fresh):
                     batch = fresh_batch
@@ -403,7 +435,7 @@ def train(cfg: TrainConfig, resume: bool = False, *, problems: list | None = Non
                 if not all_ranks_true(accelerator, batch is not None):
                     continue  # every answer was dropped (e.g. all truncated): nothing to learn
                 m = update(policy, reference, optimizer, batch, cfg, old_logp, accelerator, ref_cache,
-                           counters["ref_version"])
+                           counters["ref_version"], sampler_logp)
                 bad_updates = bad_updates + 1 if m["perf/skipped"] else 0
                 if bad_updates >= cfg.optim.max_bad_updates:
                     last = latest_checkpoint(run_dir)

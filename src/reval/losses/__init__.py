@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from reval.losses.grpo import grpo_advantage, grpo_loss
+from reval.losses.grpo import grpo_advantage, grpo_loss, sampler_weight
 from reval.losses.reval import reval_loss
 from reval.losses.tbrm import tbrm_loss
 from reval.rewards import shape_reward
@@ -43,8 +43,10 @@ def _tbrm(t: dict, cfg, denom: int):
 
 def _grpo(t: dict, cfg, denom: int):
     adv = grpo_advantage(t["reward"], t["group_mean"], t["group_std"])
+    weight = sampler_weight(t["old_logp"], t["sampler_logp"], cfg.sampler_weight_cap) \
+        if "sampler_logp" in t else None
     return grpo_loss(t["logp"], t["old_logp"], t["mask"], adv, clip_low=cfg.clip_low,
-                     clip_high=cfg.clip_high, num_tokens=denom)
+                     clip_high=cfg.clip_high, num_tokens=denom, weight=weight)
 
 
 ALGORITHMS: dict[str, Algorithm] = {
