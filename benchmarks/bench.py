@@ -97,6 +97,7 @@ class Budget:
     ks: dict[str, tuple[int, ...]] = field(default_factory=lambda: {m: v.ks for m, v in METHODS.items()})
     methods: tuple[str, ...] = tuple(METHODS)
     n1_seeds: tuple[int, ...] = (0, 1, 2)
+    claim_seeds: tuple[int, ...] = (0, 1, 2)
     n1_methods: tuple[str, ...] = ("reval", "grpo")
     one_prompt_lrs: tuple[float, ...] = (3e-4, 1e-3, 3e-3)
     one_prompt_rounds: int = 30
@@ -109,7 +110,7 @@ class Budget:
 
 QUICK = Budget(seeds=(0,), rounds=2, num_eval=20, lrs=(3e-4,), ks={"reval": (1, 2), "tbrm": (1,), "grpo": (1,),
                                                                    "trl_grpo": (1,)},
-               n1_seeds=(0,), one_prompt_lrs=(1e-3,), one_prompt_rounds=2, one_prompt_seeds=(0,),
+               n1_seeds=(0,), claim_seeds=(0,), one_prompt_lrs=(1e-3,), one_prompt_rounds=2, one_prompt_seeds=(0,),
                one_prompt_difficulties=("easy",), scan_problems=4, scan_samples=8,
                one_prompt_methods=("grpo", "reval_k4"))
 
@@ -127,7 +128,7 @@ class BenchConfig:
     rounds: int | None = None
     """Rounds per run of the main and N = 1 studies; None: the budget's."""
     studies: tuple[str, ...] = ("main", "n1")
-    """Test-split studies of `run`: main, n1, one_prompt."""
+    """Test-split studies of `run`: main, n1, claims, one_prompt."""
     fresh: bool = False
     """Re-run runs whose result file exists."""
     out: Path | None = None
@@ -157,6 +158,8 @@ class RunSpec:
     samples_per_prompt: int = 8
     problem: dict | None = None  # one-prompt setting: the single training and evaluation problem
     stop_at: float | None = None  # one-prompt: stop once the score reaches this
+    overrides: dict = field(default_factory=dict)  # further config fields ("loss.beta": 0.02)
+    label: str = ""  # the variant's name in a study (default: the method's)
 
 
 def run_child(spec: RunSpec) -> None:
@@ -182,7 +185,7 @@ def run_ours(spec: RunSpec) -> dict:
                        "task.num_test": spec.num_eval, "task.num_validation": spec.num_eval,
                        "rollout.prompts_per_round": spec.prompts_per_round,
                        "rollout.samples_per_prompt": spec.samples_per_prompt,
-                       "buffer.capacity": 5 * B, "optim.micro_batch_size": min(64, B)}.items():
+                       "buffer.capacity": 5 * B, "optim.micro_batch_size": min(64, B), **spec.overrides}.items():
         set_field(tc, key, value)
     kwargs = {}
     if spec.problem is not None:  # one prompt, 16 answers per round, scored by mean@64 on it
@@ -314,19 +317,20 @@ def launch(specs: list[RunSpec], workers: int = 1, fresh: bool = False) -> list[
 
 
 def make_spec(out: Path, study: str, method: str, seed: int, lr: float, k: int, rounds: int, split_name: str,
-              num_eval: int, task: str, problem: Problem | None = None, samples_per_prompt: int = 8) -> RunSpec:
+              num_eval: int, task: str, problem: Problem | None = None, samples_per_prompt: int = 8,
+              overrides: dict | None = None, label: str | None = None) -> RunSpec:
     if problem is None:
         impl, algo = METHODS[method].impl, algo_of(method, k)
     else:
         impl, algo = "reval", ONE_PROMPT_METHODS[method][0]
-    name = f"{study}/{method}-k{k}-lr{lr:g}-s{seed}"
+    name = f"{study}/{label or method}-k{k}-lr{lr:g}-s{seed}"
     P = 128 // samples_per_prompt if problem is None else 1
     return RunSpec(method=method, impl=impl, algo=algo, k=k, lr=lr, seed=seed, rounds=rounds,
                    split=split_name, num_eval=num_eval, run_dir=str(out / "runs" / name),
                    result=str(out / "raw" / f"{name.replace('/', '__')}.json"), task=task,
                    prompts_per_round=P, samples_per_prompt=16 if problem is not None else samples_per_prompt,
                    problem=None if problem is None else asdict(problem),
-                   stop_at=None if problem is None else 0.95)
+                   stop_at=None if problem is None else 0.95, overrides=overrides or {}, label=label or method)
 
 
 # -- one-prompt problems ----------------------------------------------------------------------
@@ -382,6 +386,36 @@ def tune(out: Path, budget: Budget, task: str, workers: int, fresh: bool) -> dic
     return result
 
 
+def claim_variants(tuning: dict, task: str) -> dict[str, tuple[str, int, float, dict]]:
+    """The paper's ablations around the tuned ReVal: label -> (method, K, lr, config overrides).
+
+    Each changes one thing against ReVal's tuned setting (which is the `main` study's row):
+    the reuse K, the reward variant, beta, a reference reset; and TBRM with replay at the
+    K that was best for it on validation (calibrated vs uncalibrated start with replay)."""
+    reval = tuning["winner"]["reval"]
+    lr, k = reval["lr"], reval["k"]
+    out = {f"reval_K{kk}": ("reval", kk, lr, {}) for kk in METHODS["reval"].ks if kk != k}
+    out.update({
+        "reval_group_mean": ("reval", k, lr, {"loss.reward_variant": "group_mean"}),
+        "reval_plus_minus_one": ("reval", k, lr, {"loss.reward_variant": "plus_minus_one"}),
+        "reval_beta0.02": ("reval", k, lr, {"loss.beta": 0.02}),
+        "reval_beta0.2": ("reval", k, lr, {"loss.beta": 0.2}),
+        "reval_reset10": ("reval", k, lr, {"loss.ref_reset_every": 10}),
+    })
+    replay = [r for r in tuning["grid"].get("tbrm", []) if r["k"] > 1]
+    if replay:
+        best = max(replay, key=lambda r: (r["mean_accuracy"], -r["k"]))
+        out["tbrm_replay"] = ("tbrm", best["k"], best["lr"], {})
+    return out
+
+
+def claim_specs(out: Path, budget: Budget, tuning: dict, task: str) -> list[RunSpec]:
+    return [make_spec(out, "claims", method, seed, lr, k, budget.rounds, "test", budget.num_eval, task,
+                      overrides=overrides, label=label)
+            for label, (method, k, lr, overrides) in claim_variants(tuning, task).items()
+            for seed in budget.claim_seeds]
+
+
 def tune_one_prompt(out: Path, budget: Budget, task: str, workers: int, fresh: bool) -> dict:
     print("tuning, one-prompt setting (a medium validation problem, seed 0)")
     problem = pick_problems(task, "validation", budget, {"medium": DIFFICULTY["medium"]})["medium"]
@@ -413,6 +447,10 @@ def run(out: Path, budget: Budget, tuning: dict, task: str, studies: tuple[str, 
                             budget.num_eval, task, samples_per_prompt=1)
                   for seed in budget.n1_seeds for m in budget.n1_methods]
     launch(specs, workers, fresh)
+    if "claims" in studies:
+        specs = claim_specs(out, budget, tuning, task)
+        print(f"claims: {len(specs)} runs of the paper's ablations, test split, seeds {list(budget.claim_seeds)}")
+        launch(specs, workers, fresh)
     if "one_prompt" in studies and "one_prompt" in tuning:
         print("one_prompt: single test problems of three difficulties")
         picked = pick_problems(task, "test", budget, {d: DIFFICULTY[d] for d in budget.one_prompt_difficulties})
@@ -442,7 +480,7 @@ def load_raw(out: Path, study: str) -> dict[str, list[dict]]:
     runs: dict[str, list[dict]] = {}
     for path in sorted((out / "raw").glob(f"{study}__*.json")):
         r = json.loads(path.read_text())
-        runs.setdefault(r["spec"]["method"], []).append(r)
+        runs.setdefault(r["spec"].get("label") or r["spec"]["method"], []).append(r)
     for v in runs.values():
         v.sort(key=lambda r: r["spec"]["seed"])
     return runs
@@ -525,6 +563,20 @@ def _n1_summary(runs: dict[str, list[dict]]) -> dict:
     return out
 
 
+def _claims_summary(claims: dict[str, list[dict]], main: dict[str, list[dict]], target: float) -> dict:
+    """Each ablation next to ReVal's tuned row on the same seeds: final accuracy, mean accuracy
+    over rounds 1..R, answers to the main study's target."""
+    seeds = sorted({r["spec"]["seed"] for rs in claims.values() for r in rs})
+    rows = {"reval (tuned)": [r for r in main["reval"] if r["spec"]["seed"] in seeds], **claims}
+    return {label: {"seeds": [r["spec"]["seed"] for r in rs], "K": rs[0]["spec"]["k"], "lr": rs[0]["spec"]["lr"],
+                    "algo": rs[0]["spec"]["algo"], "overrides": rs[0]["spec"].get("overrides", {}),
+                    "final_accuracy": [r["curve"][-1]["accuracy"] for r in rs],
+                    "mean_accuracy": [round(mean(p["accuracy"] for p in r["curve"][1:]), 4) for r in rs],
+                    "samples_to_target": [first_reaching(r["curve"], target, "samples") for r in rs],
+                    "train_seconds": [round(r["curve"][-1]["seconds"], 1) for r in rs]}
+            for label, rs in rows.items()}
+
+
 def summarise(out: Path) -> dict:
     tuning_file = out / "tuning.json"
     tuning = json.loads(tuning_file.read_text()) if tuning_file.exists() else None
@@ -537,6 +589,9 @@ def summarise(out: Path) -> dict:
     n1 = load_raw(out, "n1")
     if n1:
         summary["n1"] = _n1_summary(n1)
+    claims = load_raw(out, "claims")
+    if claims and main:
+        summary["claims"] = _claims_summary(claims, main, summary["target_accuracy"])
     problems_file = out / "one_prompt_problems.json"
     if problems_file.exists():
         one = {}

@@ -83,3 +83,16 @@ def test_chunked_equals_unchunked_values_and_grads(tiny):
     torch.testing.assert_close(results[0][1], results[1][1])
     for a, b in zip(results[0][2], results[1][2]):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_shared_prefill_samples_what_num_return_sequences_samples(tiny):
+    """Prefilling each prompt once and copying its cache to its G answers draws the same
+    answers, for the same seed, as HF's num_return_sequences (which prefills G times)."""
+    model, tok = tiny
+    prompts = ["Q: 12+3\nA: ", "Q: A box has 5 pens.\nA: "]
+    out = []
+    for shared in (True, False):
+        torch.manual_seed(3)
+        out.append(generate(model, tok, prompts, samples_per_prompt=4, max_new_tokens=12, shared_prefix=shared))
+    assert out[0].response_ids == out[1].response_ids and out[0].prompt_ids == out[1].prompt_ids
+    assert len(set(map(tuple, out[0].response_ids))) > 1  # they are samples, not copies

@@ -193,3 +193,13 @@ def test_grpo_with_a_stale_sampler_is_corrected(tmp_path):
     weights = [r.get("loss/sampler_weight_mean") for r in rounds]
     assert weights[0] == 1.0 and weights[3] == 1.0
     assert all(w is not None and w != 1.0 for w in (weights[1], weights[2], weights[4]))
+
+
+def test_reset_unit_is_validated_and_old_runs_keep_their_meaning():
+    with pytest.raises(ValueError, match="ref_reset_unit = 'round' is invalid"):
+        TrainConfig.from_dict({"loss": {"ref_reset_unit": "round"}}).validate()
+    # a run directory written before the unit existed: its resets counted updates, its tbrm replayed
+    old = TrainConfig.from_saved({"algo": "tbrm", "loss": {"ref_reset_every": 3}})
+    assert (old.algo, old.loss.ref_reset_unit) == ("tbrm_replay", "updates")
+    new = TrainConfig.from_saved(TrainConfig(algo="tbrm").to_dict())
+    assert (new.algo, new.loss.ref_reset_unit) == ("tbrm", "rounds")

@@ -95,7 +95,7 @@ def _train(argv: list[str]) -> None:
     if run_dir:
         if not (run_dir / "config.json").is_file():
             raise ValueError(f"--resume {run_dir}: no config.json there; is it a run directory?")
-        base = TrainConfig.from_dict(_read_config(run_dir / "config.json"))
+        base = TrainConfig.from_saved(_read_config(run_dir / "config.json"))
         base.out, resume = run_dir, True
     if config_path:
         config_path = _preset_or_path(config_path)

@@ -149,6 +149,9 @@ class LossConfig:
     iterations, i.e. rounds) or optimizer updates (K per round)."""
     drop_truncated: bool = False
     """Drop answers cut at max_new_tokens instead of training on them with reward 0."""
+    ref_cache: bool = True
+    """Keep the reference's log-probs of stored answers until a reset makes them stale (one
+    reference pass per answer instead of one per use); off: recompute at every use."""
     sampler_weight_cap: float = 2.0
     """GRPO with a sampler that is not the policy (vLLM, `rollout.sync_every` > 1): weight each
     token by min(pi_old / pi_sampler, cap), truncated importance sampling; 0 turns it off.
@@ -244,6 +247,8 @@ class TrainConfig:
             ("loss.clip_low", 0 <= self.loss.clip_low < 1, "in [0, 1)"),
             ("loss.clip_high", self.loss.clip_high >= 0, ">= 0"),
             ("loss.ref_reset_every", self.loss.ref_reset_every >= 0, ">= 0 (0 = never)"),
+            ("loss.ref_reset_unit", self.loss.ref_reset_unit in ("rounds", "updates"), "rounds or updates"),
+            ("task.name", self.task.name in TASKS, f"one of {sorted(TASKS)}"),
             ("loss.sampler_weight_cap", self.loss.sampler_weight_cap == 0 or 1 <= self.loss.sampler_weight_cap
              < float("inf"), "0 (off) or a finite value >= 1"),
             ("buffer.updates_per_round", self.buffer.updates_per_round is None or self.buffer.updates_per_round >= 1,
@@ -300,7 +305,8 @@ class TrainConfig:
         would silently mix two different experiments.
         """
         mutable = ("rounds", "out", "progress", "checkpoint_every", "keep_checkpoints", "eval.",
-                   "optim.micro_batch_size", "model.logprob_chunk", "model.shared_prefix", "rollout.reward_timeout",
+                   "optim.micro_batch_size", "model.logprob_chunk", "model.shared_prefix", "loss.ref_cache",
+                   "rollout.reward_timeout",
                    "model.gradient_checkpointing", "model.attn_implementation", "task.eval_data",
                    "task.eval_limit", "rollout.backend", "rollout.vllm_gpu_memory_utilization")
         a, b = _flatten(self.to_dict()), _flatten(saved.to_dict())
@@ -317,6 +323,20 @@ class TrainConfig:
     def from_dict(cls, d: dict) -> "TrainConfig":
         """Inverse of `to_dict`; unknown keys are an error naming them."""
         return _from_dict(cls, d, prefix="")
+
+    @classmethod
+    def from_saved(cls, d: dict) -> "TrainConfig":
+        """A config saved by a run (config.json, checkpoints), read with the meaning it had.
+
+        Runs saved before `loss.ref_reset_unit` existed counted resets in optimizer updates,
+        and their `tbrm` replayed the buffer (today's `tbrm_replay`)."""
+        d = json.loads(json.dumps(d))
+        loss = d.setdefault("loss", {})
+        if "ref_reset_unit" not in loss:  # a run from before the unit was explicit
+            loss["ref_reset_unit"] = "updates"
+            if d.get("algo") == "tbrm":
+                d["algo"] = "tbrm_replay"
+        return cls.from_dict(d)
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

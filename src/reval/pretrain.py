@@ -115,12 +115,15 @@ def pretrain(cfg: PretrainConfig) -> dict:
             bar.set_postfix(loss=f"{loss.item():.3f}")
     model.eval()
     report = task.split(cfg.eval_split, cfg.eval_problems, seed=0, digits=cfg.digits)
-    result = evaluate(model, tokenizer, [p.question for p in report], [p.answer for p in report], samples=8,
-                      max_new_tokens=task.max_new_tokens)
-    if cfg.task == "mul":  # which mistakes it makes, greedy and sampled, and how often
+    if cfg.task == "mul":  # which mistakes it makes, greedy and sampled, and how often (None: correct)
         from reval.tasks.multiply import mistake_rates
 
-        result["mistakes"] = mistake_rates(model, tokenizer, report, max_new_tokens=task.max_new_tokens)
+        mistakes = mistake_rates(model, tokenizer, report, max_new_tokens=task.max_new_tokens)
+        result = {"accuracy": mistakes["greedy"]["None"], "mean@8": mistakes["sampled@8"]["None"],
+                  "mistakes": mistakes}
+    else:
+        result = evaluate(model, tokenizer, [p.question for p in report], [p.answer for p in report], samples=8,
+                          max_new_tokens=task.max_new_tokens)
     result.update(params=num_params(model), seconds=round(time.time() - start, 1), config=asdict(cfg))
     cfg.out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(cfg.out)

@@ -88,6 +88,11 @@ class RefCache:
     recomputes the whole micro-batch, in the same micro-batch the policy sees, so at
     theta = ref the log-ratio stays exactly 0. Entries of trajectories that left the
     replay buffer are dropped with `keep`.
+
+    A hit equals a fresh reference pass to float rounding, not bit for bit: the cached pass
+    ran in another micro-batch (other padding, other shapes). In fp32 that is ~1e-6 per
+    token; under bf16 autocast ~1e-3 per token (unbiased rounding noise). `loss.ref_cache
+    = False` recomputes instead.
     """
 
     def __init__(self):
@@ -109,10 +114,10 @@ class RefCache:
     def put(self, uids: torch.Tensor, logp: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
             version: int) -> None:
         lengths = mask.sum(1).long().tolist()
+        logp, v = logp.detach().float().cpu(), v.detach().float().cpu()  # one device-to-host copy
         for i, u in enumerate(uids.tolist()):
             if u >= 0:
-                self._entries[u] = (version, logp[i, : lengths[i]].detach().float().cpu().clone(),
-                                    v[i].detach().float().cpu().clone())
+                self._entries[u] = (version, logp[i, : lengths[i]].clone(), v[i].clone())
 
     def keep(self, uids) -> None:
         """Drop every entry whose uid is not in `uids` (evicted from the buffer)."""

@@ -9,10 +9,10 @@ One round (blocks below come in the same order as the package's files):
   3. rewards   score each answer; group statistics while the group is together
   4. buffer    add the round's trajectories to the FIFO replay buffer
   5. updates   K optimizer updates; the first on the fresh batch, the others on a uniform
-               sample of the buffer (on-policy GRPO reuses the fresh batch instead).
-               Log-probs and V_ref are recomputed under the current policy and
-               reference at every update, never cached.
-  6. reference copy the policy into the reference every `ref_reset_every` updates
+               sample of the buffer (on-policy GRPO and TBRM reuse the fresh batch instead).
+               The policy's log-probs and V are recomputed at every update; the reference's
+               are cached per answer until a reset makes them stale (`RefCache`).
+  6. reference copy the policy into the reference every `ref_reset_every` rounds (or updates)
   7. eval / log / checkpoint
 
 Single process and plain PyTorch by default, so `breakpoint()` works anywhere. The same
@@ -83,7 +83,10 @@ def update(policy, reference, optimizer, batch: Batch, cfg: TrainConfig,
         t = {"mask": micro.response_mask, "reward": micro.reward,
              "group_mean": micro.group_mean, "group_std": micro.group_std}
         if algo.needs_reference:
-            hit = ref_cache.get(micro.uid, ref_version, micro.response_ids.shape[1]) if ref_cache else None
+            hit = ref_cache.get(micro.uid, ref_version, micro.response_ids.shape[1]) if ref_cache is not None \
+                else None
+            if accelerator is not None and not all_ranks_true(accelerator, hit is not None):
+                hit = None  # every rank runs the reference pass, or none does (its collectives must match)
             if hit is None:
                 hit = reference.logprobs(micro, cfg.model.logprob_chunk, cfg.shared_prefix)
                 if ref_cache is not None:
@@ -267,7 +270,7 @@ def train(cfg: TrainConfig, resume: bool = False, *, problems: list | None = Non
     ckpt = latest_checkpoint(run_dir) if resume else None
     state = torch.load(ckpt / "state.pt", weights_only=False) if ckpt else None
     if state is not None:
-        cfg.check_resumable_from(TrainConfig.from_dict(state["config"]))
+        cfg.check_resumable_from(TrainConfig.from_saved(state["config"]))
         if state.get("world_size", 1) != world:
             raise ValueError(f"cannot resume: the run used {state.get('world_size', 1)} processes, "
                              f"now {world}; resume with the same number")
@@ -299,7 +302,10 @@ def train(cfg: TrainConfig, resume: bool = False, *, problems: list | None = Non
     if reference is not None:
         reference.policy = model
     buffer = ReplayBuffer(cfg.buffer.capacity // world)  # this rank's shard (reval.distributed)
-    ref_cache = RefCache() if algo.needs_reference else None
+    # reference values of stored answers, reused while the reference is unchanged: worth it
+    # when an answer is used more than once (replay, or K > 1)
+    ref_cache = RefCache() if algo.needs_reference and cfg.loss.ref_cache and (
+        algo.replay or cfg.updates_per_round > 1) else None
     # rank 0 keeps the single-process streams, so 1-process runs are unchanged
     rngs = {"prompts": random.Random(cfg.seed + 7919 * rank), "buffer": random.Random(cfg.seed + 1 + 7919 * rank)}
 
