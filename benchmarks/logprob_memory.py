@@ -75,11 +75,12 @@ def make_batch(vocab: int, batch: int, seq: int):
 
 
 def hf_logprobs(model, batch):
-    """The usual trainer path: full logits from the model, log_softmax, gather."""
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1].float()
-    logp = torch.log_softmax(logits, -1).gather(-1, batch.input_ids[:, 1:, None])[..., 0]
-    first = logits[torch.arange(len(batch)), batch.first_index]  # (B, V)
-    return logp * batch.response_mask, torch.logsumexp(first, -1)
+    """The usual trainer path: full logits from the model, log_softmax, gather (prompts are all
+    PROMPT tokens here, so no padding is involved)."""
+    ids = torch.cat([batch.prompt_ids[batch.prompt_index], batch.response_ids], 1)  # (B, P + H)
+    logits = model(input_ids=ids).logits[:, PROMPT - 1:-1].float()  # (B, H, V): predicts each answer token
+    logp = torch.log_softmax(logits, -1).gather(-1, batch.response_ids[..., None])[..., 0]
+    return logp * batch.response_mask, torch.logsumexp(logits[:, 0], -1)
 
 
 def worker(args) -> None:
@@ -89,7 +90,7 @@ def worker(args) -> None:
     batch, small = (make_batch(args.vocab, b, t) for b, t in ((args.batch, args.seq), (1, PROMPT + 8)))
     batch, small = (type(b)(**{k: v.to(dev) for k, v in vars(b).items()}) for b in (batch, small))
     run = hf_logprobs if args.worker == "hf" else (
-        lambda m, b: sequence_logprobs(m, b, None if args.worker == "none" else int(args.worker)))
+        lambda m, b: sequence_logprobs(m, b, None if args.worker == "none" else int(args.worker), shared_prefix=False))
     logp, v = run(model, small)  # warm-up on 136 tokens: one-time kernel/thread-pool setup
     (logp.sum(1) + v).pow(2).mean().backward()
     model.zero_grad(set_to_none=True)

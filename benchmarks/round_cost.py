@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -201,7 +202,9 @@ def main() -> None:
                         "run_dir": f"runs/round_cost/{tree}-{method}-{rep}"}
                 if tree == "before" or args.task == "add":
                     spec["task"] = "add"
+                shutil.rmtree(spec["run_dir"], ignore_errors=True)
                 rows = _child(root, spec)["rounds"]
+                shutil.rmtree(spec["run_dir"], ignore_errors=True)
                 per_round.setdefault(tree, {}).setdefault(method, []).extend(rows)
                 print(f"repeat {rep} {method:8s} {tree:6s}: {statistics.median(r['total'] for r in rows):.2f} "
                       "CPU s per round", flush=True)

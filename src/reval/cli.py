@@ -1,9 +1,9 @@
 """The `reval` command: train, eval, demo, pretrain.
 
-    reval train [--config FILE.yaml|PRESET] [--resume DIR] [--algo reval|tbrm|grpo] [--loss.beta ...]
+    reval train [--config FILE.yaml|PRESET] [--resume DIR] [--algo reval|tbrm|tbrm_replay|grpo] [--loss.beta ...]
     reval eval --model DIR --data BENCH1.jsonl BENCH2.parquet --samples 16 --limit 100
-    reval demo [--out DIR]
-    reval pretrain [--out DIR]
+    reval demo [--task mul|add] [--out DIR]
+    reval pretrain [--task add|mul] [--out DIR]
 
 Each subcommand's flags come from its dataclass (`reval <cmd> --help`).
 """
@@ -22,7 +22,7 @@ USAGE = """usage: reval {train,eval,demo,pretrain} [--help]
 
   train     train with ReVal, TBRM or GRPO (reval train --help)
   eval      evaluate a model on benchmark files: greedy accuracy and avg@k, one row each
-  demo      ReVal vs GRPO from the shipped model, table + plot, a few minutes on a CPU
+  demo      ReVal vs GRPO on the mul task (--task add: the addition task), table + plot, minutes on a CPU
   pretrain  rebuild the shipped warm-start model
 """
 

@@ -4,7 +4,8 @@ Generation uses Hugging Face `generate` (left padding, KV cache, temperature / t
 stop at any EOS token) by default, or vLLM (`reval.rollout_vllm`, optional, GPU). Both
 sit behind the same two methods, `generate(prompts, ...) -> Samples` and
 `sync_weights(model)`, and produce the same records. One call samples
-`samples_per_prompt` answers for each prompt; the G answers of one prompt share a `group_id`. Rewards are attached by the caller
+`samples_per_prompt` answers for each prompt, each prompt prefilled once; the G answers
+of one prompt share a `group_id`. Rewards are attached by the caller
 (`reval.rewards.score`), and group statistics right after, while the whole group is
 still together (the replay buffer later samples trajectories one by one).
 """

@@ -75,7 +75,7 @@ def update(policy, reference, optimizer, batch: Batch, cfg: TrainConfig,
     device = accelerator.device if accelerator is not None else batch.response_ids.device
     denom = int(batch.response_mask.sum()) if algo.per_token else len(batch)
     optimizer.zero_grad(set_to_none=True)
-    sums: dict[str, float] = {"perf/ref_cache_hits": 0.0}
+    sums: dict[str, float] = {"perf/ref_cache_hits": 0.0} if algo.needs_reference else {}
     total_loss = 0.0
     micros = micro_batches(batch, cfg.optim.micro_batch_size)
     for i, micro in enumerate(micros):
@@ -123,8 +123,6 @@ def update(policy, reference, optimizer, batch: Batch, cfg: TrainConfig,
     if finite:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    if not algo.needs_reference:
-        del sums["perf/ref_cache_hits"]
     return {**sums, "loss/total": total_loss, "loss/grad_norm": grad_norm.item(),
             "perf/skipped": 0.0 if finite else 1.0}
 
@@ -401,8 +399,8 @@ def train(cfg: TrainConfig, resume: bool = False, *, problems: list | None = Non
             G = cfg.rollout.samples_per_prompt
             with full_params(accelerator, policy) if cfg.rollout.backend == "hf" else contextlib.nullcontext():
                 samples = generator.generate(prompts, samples_per_prompt=G, temperature=cfg.rollout.temperature,
-                                             top_p=cfg.rollout.top_p, max_new_tokens=cfg.max_new_tokens,
-                                             seed=seed, return_logprobs=correct_sampler and cfg.rollout.backend == "vllm")
+                                             top_p=cfg.rollout.top_p, max_new_tokens=cfg.max_new_tokens, seed=seed,
+                                             return_logprobs=correct_sampler and cfg.rollout.backend == "vllm")
             t_gen = time.time() - t_round
             # 3. rewards
             completions = tokenizer.batch_decode(samples.response_ids, skip_special_tokens=True)
