@@ -1,12 +1,14 @@
-"""`reval demo`: ReVal vs GRPO from the shipped model, same budget of generated answers.
+"""`reval demo`: ReVal vs GRPO from a shipped warm start, same budget of generated answers.
 
-Trains each algorithm on the embedded addition task from the same warm start, with the
-same prompts per round, answers per prompt and number of rounds, then prints a table
-(start / final test accuracy, answers generated, seconds), writes `summary.json` and a
-PNG of test accuracy against answers generated (and against seconds).
+Trains each algorithm on an embedded task from the same warm start, with the same prompts
+per round, answers per prompt and number of rounds, then prints a table (start / final
+test accuracy, answers to a threshold, answers generated, seconds), writes `summary.json`
+and a PNG of test accuracy against answers generated (and against seconds).
 
-The per-algorithm settings below were picked on the validation split (see README,
-"Choices"); the demo reports the test split.
+The default task is `mul`, where learning is gradual and the methods separate; `--task
+add` is the two-round habit flip of the addition task. Each algorithm's settings below
+were tuned on the validation split (`mul`: benchmarks/results/mul/tuning.json, learning
+rate and reuse K together; `add`: benchmarks/tune_demo.sh); the demo reports the test split.
 """
 
 from __future__ import annotations
@@ -16,20 +18,25 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from reval.config import TrainConfig
 from reval.metrics import read_metrics
 from reval.train import train
 
-# Settings that differ per algorithm; everything else is TrainConfig's default.
-# Picked per method on the validation split by mean greedy accuracy over rounds 1-15
-# (README, "Choices"); both came out at lr 3e-4.
-ALGO_SETTINGS: dict[str, dict] = {
-    "reval": {"buffer.updates_per_round": 2, "optim.lr": 3e-4, "loss.beta": 0.05,
-              "loss.reward_variant": "binary"},
-    "tbrm": {"buffer.updates_per_round": 2, "optim.lr": 3e-4, "loss.beta": 0.05,
-             "loss.reward_variant": "binary"},
-    "grpo": {"buffer.updates_per_round": 1, "optim.lr": 3e-4},
+# Per task: the demo's length and, per algorithm, the settings that differ from TrainConfig's
+# defaults, tuned on the validation split.
+DEMOS: dict[str, dict] = {
+    "mul": {"rounds": 20, "eval_every": 2, "threshold": 0.6, "algos": {  # benchmarks/results/mul/tuning.json
+        "reval": {"buffer.updates_per_round": 8, "optim.lr": 1e-4},
+        "tbrm": {"buffer.updates_per_round": 1, "optim.lr": 1e-4},
+        "grpo": {"buffer.updates_per_round": 2, "optim.lr": 1e-4},
+    }},
+    "add": {"rounds": 15, "eval_every": 1, "threshold": 0.9, "algos": {
+        "reval": {"buffer.updates_per_round": 2, "optim.lr": 3e-4},
+        "tbrm": {"buffer.updates_per_round": 1, "optim.lr": 3e-4},
+        "grpo": {"buffer.updates_per_round": 1, "optim.lr": 3e-4},
+    }},
 }
 
 
@@ -37,20 +44,22 @@ ALGO_SETTINGS: dict[str, dict] = {
 class DemoConfig:
     out: Path = Path("runs/demo")
     """Directory for the runs, summary.json and demo.png."""
-    rounds: int = 15
-    """Generation rounds per algorithm (each round: 16 prompts x 8 answers)."""
+    task: Literal["mul", "add"] = "mul"
+    """Embedded task: mul (gradual, where methods separate) or add (a two-round habit flip)."""
+    rounds: int | None = None
+    """Generation rounds per algorithm (each: 16 prompts x 8 answers); None: the task's demo length."""
     algos: tuple[str, ...] = ("reval", "grpo")
     """Algorithms to compare."""
     seed: int = 0
     """Seed shared by all algorithms."""
-    eval_every: int = 1
-    """Evaluate on the test split (200 problems, greedy) every N rounds."""
-    threshold: float = 0.9
-    """The table reports the answers generated until test accuracy first reaches this."""
+    eval_every: int | None = None
+    """Evaluate on the test split (200 problems, greedy) every N rounds; None: the task's."""
+    threshold: float | None = None
+    """The table reports the answers generated until test accuracy first reaches this; None: the task's."""
     progress: bool = True
     """Show progress bars."""
     model_path: str | None = None
-    """Start from this model instead of the shipped warm start."""
+    """Start from this model instead of the task's shipped warm start."""
 
 
 def set_field(cfg: TrainConfig, dotted: str, value) -> None:
@@ -65,17 +74,20 @@ def set_field(cfg: TrainConfig, dotted: str, value) -> None:
 
 
 def demo_config(algo: str, cfg: DemoConfig) -> TrainConfig:
-    tc = TrainConfig(algo=algo, rounds=cfg.rounds, seed=cfg.seed, out=cfg.out / algo,
+    demo = DEMOS[cfg.task]
+    tc = TrainConfig(algo=algo, rounds=cfg.rounds or demo["rounds"], seed=cfg.seed, out=cfg.out / algo,
                      progress=cfg.progress, checkpoint_every=0)
-    tc.eval.every = cfg.eval_every
+    tc.task.name = cfg.task
+    tc.eval.every = cfg.eval_every or demo["eval_every"]
     tc.model.path = cfg.model_path
-    for k, v in ALGO_SETTINGS.get(algo, {}).items():
+    for k, v in demo["algos"].get(algo, {}).items():
         set_field(tc, k, v)
     return tc
 
 
 def run_demo(cfg: DemoConfig) -> dict:
     cfg.out.mkdir(parents=True, exist_ok=True)
+    threshold = cfg.threshold if cfg.threshold is not None else DEMOS[cfg.task]["threshold"]
     summary = {}
     for algo in cfg.algos:
         tc = demo_config(algo, cfg)
@@ -85,14 +97,16 @@ def run_demo(cfg: DemoConfig) -> dict:
         train(tc)
         evals = [r for r in read_metrics(tc.run_dir / "metrics.jsonl") if "eval/accuracy" in r]
         summary[algo] = {
+            "task": cfg.task,
+            "updates_per_round": tc.updates_per_round,
+            "lr": tc.optim.lr,
             "initial_accuracy": evals[0]["eval/accuracy"],
             "final_accuracy": evals[-1]["eval/accuracy"],
             "samples_generated": evals[-1]["samples"],
             "seconds": round(time.time() - t0, 1),
             "train_seconds": round(evals[-1]["seconds"], 1),
-            "samples_to_threshold": next((r["samples"] for r in evals if r["eval/accuracy"] >= cfg.threshold),
-                                         None),
-            "threshold": cfg.threshold,
+            "samples_to_threshold": next((r["samples"] for r in evals if r["eval/accuracy"] >= threshold), None),
+            "threshold": threshold,
             "curve": [{"samples": r["samples"], "seconds": round(r["seconds"], 2),
                        "accuracy": r["eval/accuracy"]} for r in evals],
         }
@@ -122,7 +136,8 @@ def plot_curves(summary: dict, path: Path) -> None:
         ax.set_ylabel("test accuracy, greedy (%)")
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.suptitle("Embedded addition task, from the shipped warm start")
+    task = next(iter(summary.values()))["task"]
+    fig.suptitle(f"Embedded task `{task}`, from its shipped warm start (test split, 200 problems)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -134,12 +149,13 @@ def print_table(summary: dict) -> None:
 
     table = Table(title="reval demo (test split, greedy accuracy)")
     threshold = next(iter(summary.values()))["threshold"]
-    for col in ("algorithm", "start acc", "final acc", f"answers to {100 * threshold:.0f}%", "answers",
+    for col in ("algorithm", "K", "lr", "start acc", "final acc", f"answers to {100 * threshold:.0f}%", "answers",
                 "seconds"):
         table.add_column(col, justify="right")
     for algo, s in summary.items():
         reached = s["samples_to_threshold"]
-        table.add_row(algo, f"{100 * s['initial_accuracy']:.1f}%", f"{100 * s['final_accuracy']:.1f}%",
+        table.add_row(algo, str(s["updates_per_round"]), f"{s['lr']:g}", f"{100 * s['initial_accuracy']:.1f}%",
+                      f"{100 * s['final_accuracy']:.1f}%",
                       "never" if reached is None else str(reached), str(s["samples_generated"]),
                       f"{s['seconds']:.0f}")
     Console().print(table)
