@@ -91,13 +91,17 @@ class Budget:
     """Sizes of one benchmark; `QUICK` shrinks every one of them."""
 
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
-    rounds: int = 30
+    rounds: int = 24
     num_eval: int = 200
-    lrs: tuple[float, ...] = (3e-4, 1e-3)  # the tuning grid, the same for every method
+    tune_num_eval: int = 100  # tuning: validation problems, evaluated every `tune_eval_every` rounds
+    tune_eval_every: int = 2
+    lrs: tuple[float, ...] = (1e-4, 3e-4)  # the tuning grid, the same for every method (1e-3 collapsed)
     ks: dict[str, tuple[int, ...]] = field(default_factory=lambda: {m: v.ks for m, v in METHODS.items()})
     methods: tuple[str, ...] = tuple(METHODS)
     n1_seeds: tuple[int, ...] = (0, 1, 2)
     claim_seeds: tuple[int, ...] = (0, 1, 2)
+    claim_rounds: dict[str, int] = field(default_factory=lambda: {"add": 15})
+    claim_eval_every: int = 2
     n1_methods: tuple[str, ...] = ("reval", "grpo")
     one_prompt_lrs: tuple[float, ...] = (3e-4, 1e-3, 3e-3)
     one_prompt_rounds: int = 30
@@ -108,10 +112,10 @@ class Budget:
     one_prompt_methods: tuple[str, ...] = tuple(ONE_PROMPT_METHODS)
 
 
-QUICK = Budget(seeds=(0,), rounds=2, num_eval=20, lrs=(3e-4,), ks={"reval": (1, 2), "tbrm": (1,), "grpo": (1,),
-                                                                   "trl_grpo": (1,)},
-               n1_seeds=(0,), claim_seeds=(0,), one_prompt_lrs=(1e-3,), one_prompt_rounds=2, one_prompt_seeds=(0,),
-               one_prompt_difficulties=("easy",), scan_problems=4, scan_samples=8,
+QUICK = Budget(seeds=(0,), rounds=2, num_eval=20, tune_num_eval=20, tune_eval_every=1, lrs=(3e-4,),
+               ks={"reval": (1, 2), "tbrm": (1,), "grpo": (1,), "trl_grpo": (1,)},
+               n1_seeds=(0,), claim_seeds=(0,), claim_eval_every=1, one_prompt_lrs=(1e-3,), one_prompt_rounds=2,
+               one_prompt_seeds=(0,), one_prompt_difficulties=("easy",), scan_problems=4, scan_samples=8,
                one_prompt_methods=("grpo", "reval_k4"))
 
 
@@ -127,8 +131,8 @@ class BenchConfig:
     """Runs at once (each on one thread when more than one)."""
     rounds: int | None = None
     """Rounds per run of the main and N = 1 studies; None: the budget's."""
-    studies: tuple[str, ...] = ("main", "n1")
-    """Test-split studies of `run`: main, n1, claims, one_prompt."""
+    studies: tuple[str, ...] = ("main",)
+    """Studies of `run`: main, n1, claims, one_prompt (test split) and why (validation)."""
     fresh: bool = False
     """Re-run runs whose result file exists."""
     out: Path | None = None
@@ -158,6 +162,7 @@ class RunSpec:
     samples_per_prompt: int = 8
     problem: dict | None = None  # one-prompt setting: the single training and evaluation problem
     stop_at: float | None = None  # one-prompt: stop once the score reaches this
+    eval_every: int = 1  # evaluate every N rounds (and after the last)
     overrides: dict = field(default_factory=dict)  # further config fields ("loss.beta": 0.02)
     label: str = ""  # the variant's name in a study (default: the method's)
 
@@ -181,7 +186,7 @@ def run_ours(spec: RunSpec) -> dict:
                      progress=False, checkpoint_every=0)
     B = spec.prompts_per_round * spec.samples_per_prompt
     for key, value in {"task.name": spec.task, "buffer.updates_per_round": spec.k, "optim.lr": spec.lr,
-                       "eval.every": 1, "eval.samples": 0, "task.eval_split": spec.split,
+                       "eval.every": spec.eval_every, "eval.samples": 0, "task.eval_split": spec.split,
                        "task.num_test": spec.num_eval, "task.num_validation": spec.num_eval,
                        "rollout.prompts_per_round": spec.prompts_per_round,
                        "rollout.samples_per_prompt": spec.samples_per_prompt,
@@ -276,7 +281,8 @@ def run_trl(spec: RunSpec) -> dict:
             timing["start"] = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step % spec.k == 0:
+            rnd = state.global_step // spec.k
+            if state.global_step % spec.k == 0 and (rnd % spec.eval_every == 0 or rnd == spec.rounds):
                 record(state.global_step)
 
     trainer.add_callback(EvalEveryRound())
@@ -318,7 +324,7 @@ def launch(specs: list[RunSpec], workers: int = 1, fresh: bool = False) -> list[
 
 def make_spec(out: Path, study: str, method: str, seed: int, lr: float, k: int, rounds: int, split_name: str,
               num_eval: int, task: str, problem: Problem | None = None, samples_per_prompt: int = 8,
-              overrides: dict | None = None, label: str | None = None) -> RunSpec:
+              overrides: dict | None = None, label: str | None = None, eval_every: int = 1) -> RunSpec:
     if problem is None:
         impl, algo = METHODS[method].impl, algo_of(method, k)
     else:
@@ -330,7 +336,8 @@ def make_spec(out: Path, study: str, method: str, seed: int, lr: float, k: int, 
                    result=str(out / "raw" / f"{name.replace('/', '__')}.json"), task=task,
                    prompts_per_round=P, samples_per_prompt=16 if problem is not None else samples_per_prompt,
                    problem=None if problem is None else asdict(problem),
-                   stop_at=None if problem is None else 0.95, overrides=overrides or {}, label=label or method)
+                   stop_at=None if problem is None else 0.95, overrides=overrides or {}, label=label or method,
+                   eval_every=eval_every)
 
 
 # -- one-prompt problems ----------------------------------------------------------------------
@@ -363,10 +370,13 @@ def pick_problems(task: str, split_name: str, budget: Budget, targets: dict[str,
 
 def tune(out: Path, budget: Budget, task: str, workers: int, fresh: bool) -> dict:
     """The same lr grid for every method, crossed with its reuse-knob grid, on the validation
-    split (seed 0); winner = best mean accuracy over rounds 1..R (ties: the cheaper K)."""
+    split (seed 0); winner = best mean accuracy over the evaluations after rounds 1..R (ties: the
+    cheaper K). Evaluated every `tune_eval_every` rounds on `tune_num_eval` problems, so the
+    whole grid fits in an hour on 2 cores."""
     t0 = time.time()
     print(f"tuning, main setting ({task}, validation split, seed 0)")
-    specs = [make_spec(out, "tune", m, 0, lr, k, budget.rounds, "validation", budget.num_eval, task)
+    specs = [make_spec(out, "tune", m, 0, lr, k, budget.rounds, "validation", budget.tune_num_eval, task,
+                       eval_every=budget.tune_eval_every)
              for m in budget.methods for k in budget.ks[m] for lr in budget.lrs]
     grid: dict[str, list[dict]] = {}
     for spec, result in zip(specs, launch(specs, workers, fresh)):
@@ -375,7 +385,8 @@ def tune(out: Path, budget: Budget, task: str, workers: int, fresh: bool) -> dic
                                                  "mean_accuracy": round(mean(accs), 4), "final_accuracy": accs[-1]})
     winner = {m: max(rows, key=lambda r: (r["mean_accuracy"], -r["k"], -r["lr"])) for m, rows in grid.items()}
     result = {"tuned_on": "validation", "task": task, "rounds": budget.rounds, "seed": 0,
-              "rule": "highest mean greedy validation accuracy over rounds 1..R; ties: smaller K, then smaller lr",
+              "rule": f"highest mean greedy validation accuracy ({budget.tune_num_eval} problems, every "
+                      f"{budget.tune_eval_every} rounds) over rounds 1..R; ties: smaller K, then smaller lr",
               "grid": grid, "winner": {m: {k: w[k] for k in ("lr", "k", "algo")} for m, w in winner.items()}}
     if budget.one_prompt_difficulties:
         result["one_prompt"] = tune_one_prompt(out, budget, task, workers, fresh)
@@ -386,12 +397,21 @@ def tune(out: Path, budget: Budget, task: str, workers: int, fresh: bool) -> dic
     return result
 
 
-def claim_variants(tuning: dict, task: str) -> dict[str, tuple[str, int, float, dict]]:
+# `add` has no tuning stage of its own here: ReVal's settings there were chosen on its
+# validation split by benchmarks/tune_demo.sh (lr 3e-4, K = 2; README, "Choices").
+ADD_REVAL = {"lr": 3e-4, "k": 2}
+
+
+def claim_variants(tuning: dict | None, task: str) -> dict[str, tuple[str, int, float, dict]]:
     """The paper's ablations around the tuned ReVal: label -> (method, K, lr, config overrides).
 
-    Each changes one thing against ReVal's tuned setting (which is the `main` study's row):
+    On `mul` each changes one thing against ReVal's tuned setting (the `main` study's row):
     the reuse K, the reward variant, beta, a reference reset; and TBRM with replay at the
-    K that was best for it on validation (calibrated vs uncalibrated start with replay)."""
+    K that was best for it on validation (calibrated vs uncalibrated start with replay).
+    On `add` (answers half as long) only beta varies, for beta against answer length."""
+    if task == "add":
+        lr, k = ADD_REVAL["lr"], ADD_REVAL["k"]
+        return {f"reval_beta{b:g}": ("reval", k, lr, {"loss.beta": b}) for b in (0.02, 0.05, 0.2)}
     reval = tuning["winner"]["reval"]
     lr, k = reval["lr"], reval["k"]
     out = {f"reval_K{kk}": ("reval", kk, lr, {}) for kk in METHODS["reval"].ks if kk != k}
@@ -409,9 +429,23 @@ def claim_variants(tuning: dict, task: str) -> dict[str, tuple[str, int, float, 
     return out
 
 
-def claim_specs(out: Path, budget: Budget, tuning: dict, task: str) -> list[RunSpec]:
-    return [make_spec(out, "claims", method, seed, lr, k, budget.rounds, "test", budget.num_eval, task,
-                      overrides=overrides, label=label)
+def why_specs(out: Path, budget: Budget, tuning: dict, task: str) -> list[RunSpec]:
+    """On the validation split only (seed 0, the tuning's evaluation): what else could make
+    ReVal need fewer answers? beta (answers here are twice as long as on `add`), the reward
+    variant, a reference reset, and the buffer size, each changed alone from its tuned setting."""
+    variants = {label: v for label, v in claim_variants(tuning, task).items()
+                if not label.startswith(("reval_K", "tbrm"))}
+    lr, k = tuning["winner"]["reval"]["lr"], tuning["winner"]["reval"]["k"]
+    variants["reval_buffer10"] = ("reval", k, lr, {"buffer.capacity": 10 * 128})  # 10 rounds instead of 5
+    variants["reval_buffer2"] = ("reval", k, lr, {"buffer.capacity": 2 * 128})
+    return [make_spec(out, "why", method, 0, lr_, k_, budget.rounds, "validation", budget.tune_num_eval, task,
+                      overrides=overrides, label=label, eval_every=budget.tune_eval_every)
+            for label, (method, k_, lr_, overrides) in variants.items()]
+
+
+def claim_specs(out: Path, budget: Budget, tuning: dict | None, task: str, rounds: int) -> list[RunSpec]:
+    return [make_spec(out, "claims", method, seed, lr, k, rounds, "test", budget.num_eval, task,
+                      overrides=overrides, label=label, eval_every=budget.claim_eval_every)
             for label, (method, k, lr, overrides) in claim_variants(tuning, task).items()
             for seed in budget.claim_seeds]
 
@@ -435,7 +469,7 @@ def tune_one_prompt(out: Path, budget: Budget, task: str, workers: int, fresh: b
 def run(out: Path, budget: Budget, tuning: dict, task: str, studies: tuple[str, ...], workers: int,
         fresh: bool) -> None:
     t0 = time.time()
-    win = tuning["winner"]
+    win = tuning["winner"] if tuning else {}
     specs = []
     if "main" in studies:
         print(f"main: {budget.rounds} rounds x 128 answers, test split, seeds {list(budget.seeds)}")
@@ -447,11 +481,15 @@ def run(out: Path, budget: Budget, tuning: dict, task: str, studies: tuple[str, 
                             budget.num_eval, task, samples_per_prompt=1)
                   for seed in budget.n1_seeds for m in budget.n1_methods]
     launch(specs, workers, fresh)
+    if "why" in studies:
+        specs = why_specs(out, budget, tuning, task)
+        print(f"why: {len(specs)} variants of the tuned ReVal on the validation split (seed 0)")
+        launch(specs, workers, fresh)
     if "claims" in studies:
-        specs = claim_specs(out, budget, tuning, task)
+        specs = claim_specs(out, budget, tuning, task, budget.claim_rounds.get(task, budget.rounds))
         print(f"claims: {len(specs)} runs of the paper's ablations, test split, seeds {list(budget.claim_seeds)}")
         launch(specs, workers, fresh)
-    if "one_prompt" in studies and "one_prompt" in tuning:
+    if "one_prompt" in studies and tuning and "one_prompt" in tuning:
         print("one_prompt: single test problems of three difficulties")
         picked = pick_problems(task, "test", budget, {d: DIFFICULTY[d] for d in budget.one_prompt_difficulties})
         (out / "one_prompt_problems.json").write_text(json.dumps(picked, indent=2) + "\n")
@@ -563,16 +601,18 @@ def _n1_summary(runs: dict[str, list[dict]]) -> dict:
     return out
 
 
-def _claims_summary(claims: dict[str, list[dict]], main: dict[str, list[dict]], target: float) -> dict:
-    """Each ablation next to ReVal's tuned row on the same seeds: final accuracy, mean accuracy
-    over rounds 1..R, answers to the main study's target."""
+def _claims_summary(claims: dict[str, list[dict]], main: dict[str, list[dict]], target: float | None) -> dict:
+    """Each ablation next to ReVal's tuned row on the same seeds (when there is a main study):
+    final accuracy, mean accuracy over rounds 1..R, answers to the main study's target."""
     seeds = sorted({r["spec"]["seed"] for rs in claims.values() for r in rs})
-    rows = {"reval (tuned)": [r for r in main["reval"] if r["spec"]["seed"] in seeds], **claims}
+    tuned = {"reval (tuned)": [r for r in main["reval"] if r["spec"]["seed"] in seeds]} if "reval" in main else {}
+    rows = {**tuned, **claims}
     return {label: {"seeds": [r["spec"]["seed"] for r in rs], "K": rs[0]["spec"]["k"], "lr": rs[0]["spec"]["lr"],
                     "algo": rs[0]["spec"]["algo"], "overrides": rs[0]["spec"].get("overrides", {}),
                     "final_accuracy": [r["curve"][-1]["accuracy"] for r in rs],
                     "mean_accuracy": [round(mean(p["accuracy"] for p in r["curve"][1:]), 4) for r in rs],
-                    "samples_to_target": [first_reaching(r["curve"], target, "samples") for r in rs],
+                    "samples_to_target": [first_reaching(r["curve"], target, "samples") if target else None
+                                          for r in rs],
                     "train_seconds": [round(r["curve"][-1]["seconds"], 1) for r in rs]}
             for label, rs in rows.items()}
 
@@ -589,9 +629,18 @@ def summarise(out: Path) -> dict:
     n1 = load_raw(out, "n1")
     if n1:
         summary["n1"] = _n1_summary(n1)
+    why = load_raw(out, "why")
+    if why and tuning:
+        best = tuning["winner"]["reval"]
+        tuned = next(r for r in tuning["grid"]["reval"] if r["lr"] == best["lr"] and r["k"] == best["k"])
+        summary["why"] = {"split": "validation", "seed": 0, "reval (tuned)": tuned["mean_accuracy"],
+                          **{label: {"mean_accuracy": round(mean(p["accuracy"] for p in r["curve"][1:]), 4),
+                                     "final_accuracy": r["curve"][-1]["accuracy"],
+                                     "overrides": r["spec"].get("overrides", {})}
+                             for label, (r,) in why.items()}}
     claims = load_raw(out, "claims")
-    if claims and main:
-        summary["claims"] = _claims_summary(claims, main, summary["target_accuracy"])
+    if claims:
+        summary["claims"] = _claims_summary(claims, main, summary.get("target_accuracy"))
     problems_file = out / "one_prompt_problems.json"
     if problems_file.exists():
         one = {}
@@ -730,6 +779,9 @@ def main() -> None:
         tune(out, budget, cfg.task, cfg.workers, cfg.fresh)
     if cfg.stage in ("run", "all"):
         tuning_file = out / "tuning.json"
+        if cfg.task == "add" and studies == ("claims",) and not tuning_file.exists():
+            run(out, budget, None, cfg.task, studies, cfg.workers, cfg.fresh)  # uses ADD_REVAL
+            return
         if not tuning_file.exists():
             raise SystemExit(f"{tuning_file} not found: run `python benchmarks/bench.py tune --task {cfg.task}"
                              f"{' --quick' if cfg.quick else ''}` first")
