@@ -100,7 +100,7 @@ class Budget:
     methods: tuple[str, ...] = tuple(METHODS)
     n1_seeds: tuple[int, ...] = (0, 1, 2)
     claim_seeds: tuple[int, ...] = (0, 1, 2)
-    claim_rounds: dict[str, int] = field(default_factory=lambda: {"add": 15})
+    claim_rounds: dict[str, int] = field(default_factory=lambda: {"add": 15, "mul": 12})  # half the budget on mul
     claim_eval_every: int = 2
     n1_methods: tuple[str, ...] = ("reval", "grpo")
     one_prompt_lrs: tuple[float, ...] = (3e-4, 1e-3, 3e-3)
@@ -402,11 +402,11 @@ def tune(out: Path, budget: Budget, task: str, workers: int, fresh: bool) -> dic
 ADD_REVAL = {"lr": 3e-4, "k": 2}
 
 
-def claim_variants(tuning: dict | None, task: str) -> dict[str, tuple[str, int, float, dict]]:
+def claim_variants(tuning: dict | None, task: str, reset_every: int = 10) -> dict[str, tuple[str, int, float, dict]]:
     """The paper's ablations around the tuned ReVal: label -> (method, K, lr, config overrides).
 
     On `mul` each changes one thing against ReVal's tuned setting (the `main` study's row):
-    the reuse K, the reward variant, beta, a reference reset; and TBRM with replay at the
+    the reuse K, the reward variant, beta, a reference reset every `reset_every` rounds; and TBRM with replay at the
     K that was best for it on validation (calibrated vs uncalibrated start with replay).
     On `add` (answers half as long) only beta varies, for beta against answer length."""
     if task == "add":
@@ -420,7 +420,7 @@ def claim_variants(tuning: dict | None, task: str) -> dict[str, tuple[str, int, 
         "reval_plus_minus_one": ("reval", k, lr, {"loss.reward_variant": "plus_minus_one"}),
         "reval_beta0.02": ("reval", k, lr, {"loss.beta": 0.02}),
         "reval_beta0.2": ("reval", k, lr, {"loss.beta": 0.2}),
-        "reval_reset10": ("reval", k, lr, {"loss.ref_reset_every": 10}),
+        f"reval_reset{reset_every}": ("reval", k, lr, {"loss.ref_reset_every": reset_every}),
     })
     replay = [r for r in tuning["grid"].get("tbrm", []) if r["k"] > 1]
     if replay:
@@ -446,7 +446,7 @@ def why_specs(out: Path, budget: Budget, tuning: dict, task: str) -> list[RunSpe
 def claim_specs(out: Path, budget: Budget, tuning: dict | None, task: str, rounds: int) -> list[RunSpec]:
     return [make_spec(out, "claims", method, seed, lr, k, rounds, "test", budget.num_eval, task,
                       overrides=overrides, label=label, eval_every=budget.claim_eval_every)
-            for label, (method, k, lr, overrides) in claim_variants(tuning, task).items()
+            for label, (method, k, lr, overrides) in claim_variants(tuning, task, max(1, rounds // 3)).items()
             for seed in budget.claim_seeds]
 
 
@@ -602,10 +602,13 @@ def _n1_summary(runs: dict[str, list[dict]]) -> dict:
 
 
 def _claims_summary(claims: dict[str, list[dict]], main: dict[str, list[dict]], target: float | None) -> dict:
-    """Each ablation next to ReVal's tuned row on the same seeds (when there is a main study):
-    final accuracy, mean accuracy over rounds 1..R, answers to the main study's target."""
+    """Each ablation next to ReVal's tuned row on the same seeds (when there is a main study,
+    its curves cut at the ablations' length): final accuracy, mean accuracy over rounds 1..R,
+    answers to the main study's target."""
     seeds = sorted({r["spec"]["seed"] for rs in claims.values() for r in rs})
-    tuned = {"reval (tuned)": [r for r in main["reval"] if r["spec"]["seed"] in seeds]} if "reval" in main else {}
+    rounds = max(r["spec"]["rounds"] for rs in claims.values() for r in rs)
+    tuned = {"reval (tuned)": [{**r, "curve": [p for p in r["curve"] if p["round"] <= rounds]}
+                               for r in main["reval"] if r["spec"]["seed"] in seeds]} if "reval" in main else {}
     rows = {**tuned, **claims}
     return {label: {"seeds": [r["spec"]["seed"] for r in rs], "K": rs[0]["spec"]["k"], "lr": rs[0]["spec"]["lr"],
                     "algo": rs[0]["spec"]["algo"], "overrides": rs[0]["spec"].get("overrides", {}),

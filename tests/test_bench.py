@@ -77,6 +77,31 @@ def test_report_writes_summary_and_plots(results):
     assert json.loads((results / "summary.json").read_text())["target_accuracy"] > 0
 
 
+def test_claims_compare_with_the_tuned_row_cut_to_their_length(results):
+    # an ablation of 2 rounds next to the main study's 3-round ReVal runs, seed 0 only
+    _write(results, "claims", "reval_beta0.2", 0, [0.3, 0.5, 0.7], k=2)
+    for f in (results / "raw").glob("claims__*"):
+        r = json.loads(f.read_text())
+        r["spec"].update(label="reval_beta0.2", rounds=2, overrides={"loss.beta": 0.2})
+        f.write_text(json.dumps(r))
+    claims = bench.summarise(results)["claims"]
+    assert claims["reval (tuned)"]["seeds"] == [0]
+    assert claims["reval (tuned)"]["final_accuracy"] == [0.96]  # round 2 of [0.3, 0.9, 0.96, 0.98]
+    assert claims["reval_beta0.2"]["final_accuracy"] == [0.7]
+    assert claims["reval_beta0.2"]["overrides"] == {"loss.beta": 0.2}
+    assert claims["reval (tuned)"]["samples_to_target"] == [128] and claims["reval_beta0.2"]["samples_to_target"] == [None]
+
+
+def test_claim_variants_change_one_thing_each():
+    tuning = {"winner": {"reval": {"lr": 1e-4, "k": 8}},
+              "grid": {"tbrm": [{"lr": 1e-4, "k": 2, "mean_accuracy": 0.3}, {"lr": 3e-4, "k": 4, "mean_accuracy": 0.1}]}}
+    v = bench.claim_variants(tuning, "mul", reset_every=4)
+    assert v["reval_K1"] == ("reval", 1, 1e-4, {}) and "reval_K8" not in v
+    assert v["reval_reset4"] == ("reval", 8, 1e-4, {"loss.ref_reset_every": 4})
+    assert v["tbrm_replay"] == ("tbrm", 2, 1e-4, {})
+    assert set(bench.claim_variants(None, "add")) == {"reval_beta0.02", "reval_beta0.05", "reval_beta0.2"}
+
+
 def test_tbrm_reuse_is_tbrm_with_replay():
     assert bench.algo_of("tbrm", 1) == "tbrm" and bench.algo_of("tbrm", 4) == "tbrm_replay"
     assert bench.algo_of("reval", 8) == "reval" and bench.algo_of("grpo", 2) == "grpo"
