@@ -182,6 +182,18 @@ def _stats(values: list[float]) -> dict:
             "max": round(max(values), 3), "n": len(values)}
 
 
+def _commit(tree: Path) -> str:
+    """The tree's commit (with "+ changes" when its work tree differs), else its path."""
+    try:
+        head = subprocess.run(["git", "-C", str(tree), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(tree), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return str(tree)
+    return f"{head} + changes" if dirty else head
+
+
 def main() -> None:
     args = tyro.cli(Args)
     if args.child:
@@ -212,7 +224,7 @@ def main() -> None:
                        "[min, max])",
                "settings": {"task": args.task, "prompts_x_answers": "16 x 8", "micro_batch": args.micro_batch,
                             "rounds_per_run": args.rounds, "first_round_dropped": True, "repeats": args.repeats,
-                            "trees": {k: str(v) for k, v in trees.items()}},
+                            "trees": {k: _commit(v) for k, v in trees.items()}},
                "per_round": {tree: {method: {p: _stats([r[p] for r in rows]) for p in (*PHASES, "total")}
                                     for method, rows in methods.items()}
                              for tree, methods in per_round.items()}}
