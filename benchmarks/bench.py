@@ -7,6 +7,8 @@ TRL's GRPOTrainer, each with its sample-reuse knob tuned like its learning rate.
     python benchmarks/bench.py report --task mul   # summary.json + plots again from the raw curves
     python benchmarks/bench.py all --quick         # every stage at smoke-test size (< 5 min)
 
+`report` writes summary.json (every number), summary.md (the tables) and the plots.
+
 Every method starts from the task's shipped warm start and gets the same prompts per round
 (drawn in the same order), answers per prompt, reward, evaluation set and budget of
 generated answers. Studies:
@@ -19,6 +21,10 @@ generated answers. Studies:
               our GRPO, `num_iterations` for TRL.
   n1          one answer per prompt (P x G = 128 x 1), ReVal vs our GRPO at their tuned
               settings: rounds and seconds to target (the paper's N = 1 study).
+  why         validation only, seed 0: ReVal's tuned setting with one thing changed (beta,
+              reward variant, reference reset, buffer size), to find what holds it back.
+  claims      the paper's ablations on the test split, 3 seeds (on `mul` 12 rounds: K,
+              reward variant, beta, a reference reset, TBRM with replay; on `add` a beta sweep).
   one_prompt  the paper's one-prompt setting (training on a single problem, 16 answers per
               round, score = sampled accuracy on it, rounds until it reaches 95%), with its
               own learning-rate tuning on a validation problem.
@@ -664,10 +670,74 @@ def summarise(out: Path) -> dict:
 def report(out: Path) -> dict:
     summary = summarise(out)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / "summary.md").write_text(markdown(summary))
     plot(out, summary)
     print_table(summary)
-    print(f"wrote {out / 'summary.json'} and the plots in {out}")
+    print(f"wrote {out / 'summary.json'}, summary.md and the plots in {out}")
     return summary
+
+
+def _cells(values: list, scale: float = 1.0, unit: str = "") -> str:
+    return " / ".join("never" if v is None else f"{scale * v:.0f}{unit}" for v in values)
+
+
+def _spread(r: dict) -> str:
+    bound = ">= " if r["censored"] else ""
+    return (f"{bound}{r['ratio']:.2f}x (seeds {r['per_seed_min']:.2f}-{r['per_seed_max']:.2f}, "
+            f"90% bootstrap {r['bootstrap_90'][0]:.2f}-{r['bootstrap_90'][1]:.2f})")
+
+
+def markdown(summary: dict) -> str:
+    """The summary's tables in Markdown (what the README quotes)."""
+    lines: list[str] = []
+    if "final_accuracy" in summary:
+        lines += [f"Main study, test split, seeds {summary['seeds']}; target = {100 * summary['target_accuracy']:.1f}% "
+                  f"({summary['target_rule']}); budget {summary['budget_answers']} answers.", "",
+                  "| method | algo | lr | K | answers to target | seconds to target | final acc | mean final "
+                  "| generate / update s | peak RSS MB |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for m, finals in summary["final_accuracy"].items():
+            lines.append(
+                f"| {m} | {summary['algo'][m]} | {summary['lr'][m]:g} | {summary['K'][m]} "
+                f"| {_cells(summary['samples_to_target'][m])} | {_cells(summary['seconds_to_target'][m])} "
+                f"| {_cells(finals, 100, '%')} | {100 * summary['final_accuracy_mean'][m]:.1f}% "
+                f"| {mean(summary['generate_seconds'][m]):.0f} / {mean(summary['update_seconds'][m]):.0f} "
+                f"| {min(summary['peak_rss_mb'][m])}-{max(summary['peak_rss_mb'][m])} |")
+        lines += ["", "Ratio to ReVal of the mean answers (seconds) to target, > 1: ReVal needs fewer "
+                  "(a never-reached seed counts as one round past the budget, or the slowest run's seconds):", "",
+                  "| method | answers ratio | seconds ratio |", "|---|---|---|"]
+        for m, r in summary["answers_ratio_vs_reval"].items():
+            lines.append(f"| {m} / reval | {_spread(r)} | {_spread(summary['seconds_ratio_vs_reval'][m])} |")
+    if "n1" in summary:
+        n1 = summary["n1"]
+        lines += ["", f"N = 1 (128 prompts x 1 answer per round), target {100 * n1['target_accuracy']:.1f}% "
+                  f"({n1['target_rule']}):", "",
+                  "| method | K, lr | rounds to target | seconds to target | final acc |", "|---|---|---|---|---|"]
+        for m, rounds in n1["rounds_to_target"].items():
+            lines.append(f"| {m} | {n1['K'][m]}, {n1['lr'][m]:g} | {_cells(rounds)} "
+                         f"| {_cells(n1['seconds_to_target'][m])} | {_cells(n1['final_accuracy'][m], 100, '%')} |")
+        if "grpo_over_reval_rounds" in n1:
+            lines += ["", f"GRPO / ReVal rounds to target: {_spread(n1['grpo_over_reval_rounds'])}; "
+                      f"seconds: {_spread(n1['grpo_over_reval_seconds'])}"]
+    if "why" in summary:
+        why = summary["why"]
+        lines += ["", "Why (validation, seed 0): ReVal's tuned setting with one change", "",
+                  "| variant | change | mean acc, rounds 1..R | final acc |", "|---|---|---|---|",
+                  f"| reval (tuned) | | {100 * why['reval (tuned)']:.1f}% | |"]
+        for label, v in why.items():
+            if isinstance(v, dict):
+                change = ", ".join(f"{k} = {x}" for k, x in v["overrides"].items())
+                lines.append(f"| {label} | {change} | {100 * v['mean_accuracy']:.1f}% | {100 * v['final_accuracy']:.1f}% |")
+    if "claims" in summary:
+        lines += ["", "Claims (test split): each variant against ReVal's tuned row on the same seeds and rounds", "",
+                  "| variant | algo, K, lr | change | final acc | mean acc, rounds 1..R | answers to target "
+                  "| train s |", "|---|---|---|---|---|---|---|"]
+        for label, c in summary["claims"].items():
+            change = ", ".join(f"{k} = {x}" for k, x in c["overrides"].items())
+            lines.append(f"| {label} | {c['algo']}, {c['K']}, {c['lr']:g} | {change} "
+                         f"| {_cells(c['final_accuracy'], 100, '%')} (mean {100 * mean(c['final_accuracy']):.1f}%) "
+                         f"| {100 * mean(c['mean_accuracy']):.1f}% | {_cells(c['samples_to_target'])} "
+                         f"| {mean(c['train_seconds']):.0f} |")
+    return "\n".join(lines) + "\n"
 
 
 def _curves(ax, runs: dict[str, list[dict]], xkey: str, labels: dict[str, str]) -> None:

@@ -74,6 +74,9 @@ def test_report_writes_summary_and_plots(results):
     bench.report(results)
     for name in ("summary.json", "accuracy_vs_answers.png", "accuracy_vs_seconds.png", "tuning.png", "n1.png"):
         assert (results / name).stat().st_size > 0
+    md = (results / "summary.md").read_text()
+    assert "| reval | reval | 0.0003 | 2 | 128 / 128 | 4 / 4 | 98% / 98% | 98.0% |" in md
+    assert "| grpo / reval | 2.00x (seeds 2.00-2.00" in md and "| trl_grpo / reval | >= 4.00x" in md
     assert json.loads((results / "summary.json").read_text())["target_accuracy"] > 0
 
 
