@@ -556,6 +556,14 @@ def ratio_spread(numerators: list, denominators: list, never: float, n_boot: int
             "censored": None in numerators or None in denominators}
 
 
+def _paired(runs: dict[str, list[dict]], per: dict[str, list], m: str, ref: str) -> tuple[list, list]:
+    """`per[m]` and `per[ref]` on the seeds both have (a stage still running has fewer)."""
+    seeds = {name: [r["spec"]["seed"] for r in runs[name]] for name in (m, ref)}
+    common = [seed for seed in seeds[m] if seed in seeds[ref]]
+    return ([per[m][seeds[m].index(seed)] for seed in common],
+            [per[ref][seeds[ref].index(seed)] for seed in common])
+
+
 def _main_summary(main: dict[str, list[dict]], tuning: dict | None) -> dict:
     finals = {m: [r["curve"][-1]["accuracy"] for r in rs] for m, rs in main.items()}
     best_grpo = max((m for m in GRPO_VARIANTS if m in finals), key=lambda m: mean(finals[m]))
@@ -582,10 +590,10 @@ def _main_summary(main: dict[str, list[dict]], tuning: dict | None) -> dict:
         "update_seconds": {m: [round(r["update_seconds"], 1) for r in rs] for m, rs in main.items()},
         "peak_rss_mb": {m: [round(r["peak_rss_mb"]) for r in rs] for m, rs in main.items()},
         # never reached = one round past the budget (answers) or the slowest run's seconds
-        "answers_ratio_vs_reval": {m: ratio_spread(per["samples"][m], per["samples"]["reval"],
+        "answers_ratio_vs_reval": {m: ratio_spread(*_paired(main, per["samples"], m, "reval"),
                                                    budget_answers + 128)
                                    for m in main if m != "reval" and "reval" in main},
-        "seconds_ratio_vs_reval": {m: ratio_spread(per["seconds"][m], per["seconds"]["reval"], never_seconds)
+        "seconds_ratio_vs_reval": {m: ratio_spread(*_paired(main, per["seconds"], m, "reval"), never_seconds)
                                    for m in main if m != "reval" and "reval" in main},
     }
 
@@ -601,9 +609,9 @@ def _n1_summary(runs: dict[str, list[dict]]) -> dict:
            "final_accuracy": finals, "K": {m: rs[0]["spec"]["k"] for m, rs in runs.items()},
            "lr": {m: rs[0]["spec"]["lr"] for m, rs in runs.items()}}
     if "grpo" in runs and "reval" in runs:
-        out["grpo_over_reval_rounds"] = ratio_spread(rounds["grpo"], rounds["reval"], n)
+        out["grpo_over_reval_rounds"] = ratio_spread(*_paired(runs, rounds, "grpo", "reval"), n)
         out["grpo_over_reval_seconds"] = ratio_spread(
-            seconds["grpo"], seconds["reval"], max(r["curve"][-1]["seconds"] for rs in runs.values() for r in rs))
+            *_paired(runs, seconds, "grpo", "reval"), max(r["curve"][-1]["seconds"] for rs in runs.values() for r in rs))
     return out
 
 
