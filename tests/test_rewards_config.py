@@ -31,7 +31,7 @@ def test_score_weights_and_failures():
     ("buffer.capacity", 10, "buffer.capacity = 10 is invalid: must be >= one round"),
     ("algo", "ppo", "algo = 'ppo' is invalid: must be one of"),
     ("loss.reward_variant", "x", "loss.reward_variant"),
-    ("optim.micro_batch_size", 1000, "optim.micro_batch_size"),
+    ("optim.micro_batch_size", 0, "optim.micro_batch_size"),
 ])
 def test_invalid_config_is_rejected_with_the_field_name(field, value, message):
     cfg = TrainConfig()
