@@ -617,11 +617,11 @@ def _n1_summary(runs: dict[str, list[dict]]) -> dict:
 
 def _claims_summary(claims: dict[str, list[dict]], main: dict[str, list[dict]], target: float | None) -> dict:
     """Each ablation next to ReVal's tuned row on the same seeds (when there is a main study,
-    its curves cut at the ablations' length): final accuracy, mean accuracy over rounds 1..R,
+    its curves taken at the ablations' evaluated rounds): final accuracy, mean accuracy over rounds 1..R,
     answers to the main study's target."""
     seeds = sorted({r["spec"]["seed"] for rs in claims.values() for r in rs})
-    rounds = max(r["spec"]["rounds"] for rs in claims.values() for r in rs)
-    tuned = {"reval (tuned)": [{**r, "curve": [p for p in r["curve"] if p["round"] <= rounds]}
+    evaluated = {p["round"] for rs in claims.values() for r in rs for p in r["curve"]}  # the same rounds
+    tuned = {"reval (tuned)": [{**r, "curve": [p for p in r["curve"] if p["round"] in evaluated]}
                                for r in main["reval"] if r["spec"]["seed"] in seeds]} if "reval" in main else {}
     rows = {**tuned, **claims}
     return {label: {"seeds": [r["spec"]["seed"] for r in rs], "K": rs[0]["spec"]["k"], "lr": rs[0]["spec"]["lr"],
