@@ -628,8 +628,8 @@ def _claims_summary(claims: dict[str, list[dict]], main: dict[str, list[dict]], 
                     "algo": rs[0]["spec"]["algo"], "overrides": rs[0]["spec"].get("overrides", {}),
                     "final_accuracy": [r["curve"][-1]["accuracy"] for r in rs],
                     "mean_accuracy": [round(mean(p["accuracy"] for p in r["curve"][1:]), 4) for r in rs],
-                    "samples_to_target": [first_reaching(r["curve"], target, "samples") if target else None
-                                          for r in rs],
+                    "samples_to_target": ([first_reaching(r["curve"], target, "samples") for r in rs]
+                                          if target else None),  # None: no main study, no target
                     "train_seconds": [round(r["curve"][-1]["seconds"], 1) for r in rs]}
             for label, rs in rows.items()}
 
@@ -743,7 +743,8 @@ def markdown(summary: dict) -> str:
             change = ", ".join(f"{k} = {x}" for k, x in c["overrides"].items())
             lines.append(f"| {label} | {c['algo']}, {c['K']}, {c['lr']:g} | {change} "
                          f"| {_cells(c['final_accuracy'], 100, '%')} (mean {100 * mean(c['final_accuracy']):.1f}%) "
-                         f"| {100 * mean(c['mean_accuracy']):.1f}% | {_cells(c['samples_to_target'])} "
+                         f"| {100 * mean(c['mean_accuracy']):.1f}% "
+                         f"| {'-' if c['samples_to_target'] is None else _cells(c['samples_to_target'])} "
                          f"| {mean(c['train_seconds']):.0f} |")
     return "\n".join(lines) + "\n"
 
