@@ -116,13 +116,15 @@ class Budget:
     scan_problems: int = 64  # candidates for the one-prompt study
     scan_samples: int = 128
     one_prompt_methods: tuple[str, ...] = tuple(ONE_PROMPT_METHODS)
+    variants: int | None = None  # the why and claims studies run only their first N variants
 
 
 QUICK = Budget(seeds=(0,), rounds=2, num_eval=20, tune_num_eval=20, tune_eval_every=1, lrs=(3e-4,),
                ks={"reval": (1, 2), "tbrm": (1,), "grpo": (1,), "trl_grpo": (1,)},
-               n1_seeds=(0,), claim_seeds=(0,), claim_eval_every=1, one_prompt_lrs=(1e-3,), one_prompt_rounds=2,
+               n1_seeds=(0,), claim_seeds=(0,), claim_rounds={"add": 2, "mul": 2}, claim_eval_every=1,
+               one_prompt_lrs=(1e-3,), one_prompt_rounds=2,
                one_prompt_seeds=(0,), one_prompt_difficulties=("easy",), scan_problems=4, scan_samples=8,
-               one_prompt_methods=("grpo", "reval_k4"))
+               one_prompt_methods=("grpo", "reval_k4"), variants=3)
 
 
 @dataclass
@@ -132,7 +134,7 @@ class BenchConfig:
     task: Literal["add", "mul"] = "mul"
     """Embedded task (its shipped warm start is the starting model)."""
     quick: bool = False
-    """Smoke-test sizes (under 5 minutes on 2 cores); writes to runs/bench-quick/<task>."""
+    """Smoke-test sizes, every study (under 5 minutes on 2 cores); writes to runs/bench-quick/<task>."""
     workers: int = 2
     """Runs at once (each on one thread when more than one)."""
     rounds: int | None = None
@@ -446,13 +448,14 @@ def why_specs(out: Path, budget: Budget, tuning: dict, task: str) -> list[RunSpe
     variants["reval_buffer2"] = ("reval", k, lr, {"buffer.capacity": 2 * 128})
     return [make_spec(out, "why", method, 0, lr_, k_, budget.rounds, "validation", budget.tune_num_eval, task,
                       overrides=overrides, label=label, eval_every=budget.tune_eval_every)
-            for label, (method, k_, lr_, overrides) in variants.items()]
+            for label, (method, k_, lr_, overrides) in list(variants.items())[:budget.variants]]
 
 
 def claim_specs(out: Path, budget: Budget, tuning: dict | None, task: str, rounds: int) -> list[RunSpec]:
     return [make_spec(out, "claims", method, seed, lr, k, rounds, "test", budget.num_eval, task,
                       overrides=overrides, label=label, eval_every=budget.claim_eval_every)
-            for label, (method, k, lr, overrides) in claim_variants(tuning, task, max(1, rounds // 3)).items()
+            for label, (method, k, lr, overrides) in list(claim_variants(tuning, task, max(1, rounds // 3)).items())[
+                :budget.variants]
             for seed in budget.claim_seeds]
 
 
@@ -851,8 +854,8 @@ def main() -> None:
     out = cfg.out or (Path("runs/bench-quick") / cfg.task if cfg.quick else RESULTS / cfg.task)
     out.mkdir(parents=True, exist_ok=True)
     studies = cfg.studies
-    if cfg.quick and cfg.task == "add":
-        studies = (*studies, "one_prompt")
+    if cfg.quick:  # the smoke test goes through every study
+        studies = ("main", "n1", "why", "claims", *(("one_prompt",) if cfg.task == "add" else ()))
     if "one_prompt" not in studies:
         budget.one_prompt_difficulties = ()
     elif not budget.one_prompt_difficulties:
