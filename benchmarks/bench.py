@@ -683,7 +683,10 @@ def report(out: Path) -> dict:
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out / "summary.md").write_text(markdown(summary))
     plot(out, summary)
-    print_table(summary)
+    from rich.console import Console
+    from rich.markdown import Markdown
+
+    Console().print(Markdown(markdown(summary)))
     print(f"wrote {out / 'summary.json'}, summary.md and the plots in {out}")
     return summary
 
@@ -749,6 +752,9 @@ def markdown(summary: dict) -> str:
                          f"| {100 * mean(c['mean_accuracy']):.1f}% "
                          f"| {'-' if c['samples_to_target'] is None else _cells(c['samples_to_target'])} "
                          f"| {mean(c['train_seconds']):.0f} |")
+    for name, res in summary.get("one_prompt", {}).items():
+        lines += ["", f"One prompt, {name} ({100 * res['start_accuracy']:.0f}% at start): rounds to 95% "
+                  + ", ".join(f"{m} {_cells(r)}" for m, r in res["rounds_to_95"].items())]
     return "\n".join(lines) + "\n"
 
 
@@ -817,30 +823,6 @@ def plot(out: Path, summary: dict) -> None:
         fig.tight_layout()
         fig.savefig(out / "n1.png", dpi=100)
         plt.close(fig)
-
-
-def print_table(summary: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    def fmt(values, scale=1.0, unit=""):
-        return " / ".join("never" if v is None else f"{scale * v:.0f}{unit}" for v in values)
-
-    if "final_accuracy" in summary:
-        t = Table(title=f"main study, test split; target = {100 * summary['target_accuracy']:.1f}%")
-        for col in ("method", "algo", "lr", "K", "answers to target", "seconds to target", "final acc"):
-            t.add_column(col, justify="right")
-        for m in summary["final_accuracy"]:
-            t.add_row(m, summary["algo"][m], f"{summary['lr'][m]:g}", str(summary["K"][m]),
-                      fmt(summary["samples_to_target"][m]), fmt(summary["seconds_to_target"][m]),
-                      fmt(summary["final_accuracy"][m], 100, "%"))
-        Console().print(t)
-    if "n1" in summary:
-        n1 = summary["n1"]
-        print("N = 1: rounds to target " + ", ".join(f"{m} {fmt(r)}" for m, r in n1["rounds_to_target"].items()))
-    for name, res in summary.get("one_prompt", {}).items():
-        print(f"one prompt, {name} ({100 * res['start_accuracy']:.0f}% at start): rounds to 95% "
-              + ", ".join(f"{m} {fmt(r)}" for m, r in res["rounds_to_95"].items()))
 
 
 def main() -> None:
