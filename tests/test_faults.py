@@ -1,7 +1,6 @@
 """Fault cases: kill -9 and resume, Ctrl-C, hanging/raising rewards, non-finite updates."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -10,7 +9,7 @@ import time
 import pytest
 import torch
 
-from reval.checkpoint import list_checkpoints
+from reval.checkpoint import list_checkpoints, verify_checkpoint
 from reval.config import TrainConfig
 from reval.model import load_model
 from reval.rewards import correctness_reward, score
@@ -45,7 +44,7 @@ def test_kill_9_at_several_points_then_resume_reproduces_the_run(tiny_dir, tmp_p
         proc.send_signal(signal.SIGKILL)
         assert proc.wait() == -signal.SIGKILL, f"the run ended before the kill at {delay}s"
         for ckpt in list_checkpoints(run):  # whatever is under a final name is complete
-            assert (ckpt / "state.pt").exists() and (ckpt / "model" / "model.safetensors").exists()
+            verify_checkpoint(ckpt)  # raises if anything is missing or damaged
         cmd = [*CMD, "--resume", str(run)] if (run / "config.json").exists() else [*CMD, *args, "--out", str(run)]
         subprocess.run(cmd, check=True, capture_output=True, timeout=600)
         assert _metrics(run) == reference, f"killed after {delay}s"
@@ -57,7 +56,7 @@ def test_leftover_temp_checkpoint_is_ignored(tiny_dir, tmp_path):
                    check=True, capture_output=True, timeout=600)
     junk = run / "checkpoints" / ".tmp-round-000002-999"
     junk.mkdir()
-    (junk / "state.pt").write_bytes(b"half a checkpoint")
+    (junk / "state.json").write_bytes(b"half a checkpoint")
     assert [p.name for p in list_checkpoints(run)] == ["round-000001"]
     proc = subprocess.run([*CMD, "--resume", str(run), "--rounds", "2"], capture_output=True, text=True,
                           timeout=600)
@@ -91,7 +90,7 @@ def test_ctrl_c_writes_a_checkpoint_and_exits_cleanly(tiny_dir, tmp_path):
     assert "resume with: reval train --resume" in err
     ckpts = list_checkpoints(run)
     assert len(ckpts) == 1
-    state = torch.load(ckpts[0] / "state.pt", weights_only=False)
+    state = verify_checkpoint(ckpts[0])
     assert 1 <= state["counters"]["round"] < 500
 
 
@@ -150,15 +149,15 @@ def test_disk_full_during_checkpoint_keeps_the_previous_one(tiny_dir, tmp_path, 
     import reval.checkpoint as ckpt_mod
     from reval.train import train
 
-    real_save, calls = torch.save, []
+    real_save, calls = ckpt_mod.save_state, []
 
-    def save_then_fail(obj, path, *a, **kw):
-        calls.append(path)
+    def save_then_fail(state, directory, name):
+        calls.append(directory)
         if len(calls) > 1:  # the second checkpoint hits a full disk
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real_save(obj, path, *a, **kw)
+        return real_save(state, directory, name)
 
-    monkeypatch.setattr(ckpt_mod.torch, "save", save_then_fail)
+    monkeypatch.setattr(ckpt_mod, "save_state", save_then_fail)
     cfg = TrainConfig(rounds=3, out=tmp_path / "run", progress=False, checkpoint_every=1)
     cfg.model.path = str(tiny_dir)
     cfg.rollout.prompts_per_round, cfg.rollout.samples_per_prompt = 4, 4
@@ -168,5 +167,4 @@ def test_disk_full_during_checkpoint_keeps_the_previous_one(tiny_dir, tmp_path, 
         train(cfg)
     root = tmp_path / "run" / "checkpoints"
     assert sorted(p.name for p in root.iterdir()) == ["round-000001"]  # no temp directory left
-    state = torch.load(root / "round-000001" / "state.pt", weights_only=False)
-    assert state["counters"]["round"] == 1
+    assert verify_checkpoint(root / "round-000001")["counters"]["round"] == 1

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import random
 from collections import deque
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 
@@ -42,16 +42,50 @@ class ReplayBuffer:
             raise ValueError("cannot sample from an empty replay buffer")
         return rng.sample(list(self._items), min(n, len(self._items)))
 
+    # Saved as flat tensors (token ids concatenated, one tensor per field) so a checkpoint
+    # stores them in safetensors; floats as float64, which holds a Python float exactly.
+    _INT_FIELDS = ("group_id", "version", "round", "uid")
+    _FLOAT_FIELDS = ("reward", "group_mean", "group_std")
+
     def state_dict(self) -> dict:
-        return {"capacity": self.capacity, "items": [asdict(e) for e in self._items]}
+        items = list(self._items)
+        ids = lambda name: torch.tensor([t for e in items for t in getattr(e, name)], dtype=torch.long)  # noqa: E731
+        lengths = lambda name: torch.tensor([len(getattr(e, name)) for e in items], dtype=torch.long)  # noqa: E731
+        return {"capacity": self.capacity, "prompt_ids": ids("prompt_ids"), "prompt_lengths": lengths("prompt_ids"),
+                "response_ids": ids("response_ids"), "response_lengths": lengths("response_ids"),
+                "truncated": torch.tensor([e.truncated for e in items], dtype=torch.bool),
+                **{f: torch.tensor([getattr(e, f) for e in items], dtype=torch.long) for f in self._INT_FIELDS},
+                **{f: torch.tensor([getattr(e, f) for e in items], dtype=torch.float64)
+                   for f in self._FLOAT_FIELDS}}
+
+    @staticmethod
+    def stored_size(state: dict) -> int:
+        """Trajectories in a `state_dict` (ValueError if its fields disagree)."""
+        if "items" in state:  # the pre-safetensors layout: a list of dicts
+            return len(state["items"])
+        n = len(state["reward"])
+        fields = ("prompt_lengths", "response_lengths", "truncated", *ReplayBuffer._INT_FIELDS,
+                  *ReplayBuffer._FLOAT_FIELDS)
+        if any(len(state[f]) != n for f in fields) or \
+                int(state["prompt_lengths"].sum()) != len(state["prompt_ids"]) or \
+                int(state["response_lengths"].sum()) != len(state["response_ids"]):
+            raise ValueError("its fields have different lengths")
+        if n > state["capacity"]:
+            raise ValueError(f"{n} answers in a buffer of capacity {state['capacity']}")
+        return n
 
     def load_state_dict(self, state: dict) -> None:
         self.capacity = state["capacity"]
-        self._items = deque(
-            (Experience(**{**d, "prompt_ids": tuple(d["prompt_ids"]),
-                           "response_ids": tuple(d["response_ids"])}) for d in state["items"]),
-            maxlen=self.capacity,
-        )
+        if "items" in state:  # the pre-safetensors layout
+            items = [{**d, "prompt_ids": tuple(d["prompt_ids"]), "response_ids": tuple(d["response_ids"])}
+                     for d in state["items"]]
+        else:
+            prompts = torch.split(state["prompt_ids"], state["prompt_lengths"].tolist())
+            responses = torch.split(state["response_ids"], state["response_lengths"].tolist())
+            cols = {f: state[f].tolist() for f in ("truncated", *self._INT_FIELDS, *self._FLOAT_FIELDS)}
+            items = [{"prompt_ids": tuple(p.tolist()), "response_ids": tuple(r.tolist()),
+                      **{f: v[i] for f, v in cols.items()}} for i, (p, r) in enumerate(zip(prompts, responses))]
+        self._items = deque((Experience(**d) for d in items), maxlen=self.capacity)
 
 
 @dataclass

@@ -77,6 +77,8 @@ class EvalArgs:
     arithmetic for the shipped model and math_verify for any other."""
     dtype: str = "float32"
     """Weights dtype: float32 or bfloat16."""
+    trust_remote_code: bool = False
+    """Run Python code shipped with a hub model; only for a model you trust."""
     backend: str = "hf"
     """hf (generate) or vllm (optional extra, CUDA)."""
     skip_bad_rows: bool = False
@@ -161,7 +163,7 @@ def _eval(argv: list[str]) -> None:
     if args.limit_mode not in ("random", "first"):  # checked before the (slow) model load
         raise ValueError(f"--limit-mode {args.limit_mode!r}: choose random or first")
     model_path = args.model or default_model_path()
-    model, tokenizer = load_model(model_path, getattr(torch, args.dtype))
+    model, tokenizer = load_model(model_path, getattr(torch, args.dtype), trust_remote_code=args.trust_remote_code)
     if torch.cuda.is_available():
         model.cuda()
     chat = use_chat_template(tokenizer, args.chat_template)

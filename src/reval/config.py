@@ -41,6 +41,9 @@ class ModelConfig:
     """Attention kernel passed to from_pretrained ("sdpa", "flash_attention_2", ...); None: default."""
     chat_template: Literal["auto", "on", "off"] = "auto"
     """Wrap prompts in the tokenizer's chat template; auto: when the tokenizer has one."""
+    trust_remote_code: bool = False
+    """Run Python code shipped with a hub model (its modelling / tokenizer files). Off: only
+    architectures transformers knows are loaded; turn it on only for a model you trust."""
     lora_rank: int = 0
     """LoRA rank (peft); 0 trains all weights. With LoRA the reference is the base model
     with the adapter disabled, so no second copy of the weights is held."""

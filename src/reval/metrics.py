@@ -39,13 +39,18 @@ class MetricsLogger:
             self._tb.close()
 
 
-def read_metrics(path: Path) -> list[dict]:
-    """All records; a last line torn by a crash mid-write is ignored."""
+def read_metrics(path: Path, bad_lines: list[int] | None = None) -> list[dict]:
+    """All records. A line that is not one (torn by a crash mid-write, or garbage: not JSON,
+    not an object, no integer `round`) is skipped; its line number goes to `bad_lines`."""
     rows = []
     with open(path, encoding="utf-8", errors="replace") as fh:
-        for line in fh:
+        for n, line in enumerate(fh, 1):
             try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
+                row = json.loads(line)
+            except (ValueError, RecursionError):
+                row = None
+            if isinstance(row, dict) and type(row.get("round")) is int:
+                rows.append(row)
+            elif bad_lines is not None and line.strip():
+                bad_lines.append(n)
     return rows

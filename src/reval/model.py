@@ -20,6 +20,7 @@ from importlib import resources
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast, Qwen2Config
 
@@ -68,22 +69,67 @@ def build_tiny_model(vocab_size: int, hidden: int = 128, layers: int = 4, heads:
 
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32, *,
-               attn_implementation: str | None = None):
-    """Load `(model, tokenizer)` from a local directory or hub id; clear error if missing."""
+               attn_implementation: str | None = None, tokenizer_path: str | Path | None = None,
+               trust_remote_code: bool = False):
+    """Load `(model, tokenizer)` from a local directory or hub id (the tokenizer from
+    `tokenizer_path` if given: a checkpoint's reference/ holds weights only); a clear error
+    naming the file if the directory is missing, incomplete or damaged."""
     p = Path(path)
     if not p.exists() and (str(path).startswith((".", "/")) or p.suffix):
         raise FileNotFoundError(
             f"model directory {str(path)!r} does not exist; pass a directory written by "
             "`reval pretrain`/`save_pretrained`, or omit it to use the shipped model"
         )
+    if p.is_dir():
+        _check_model_dir(p, tokenizer=tokenizer_path is None)
     try:
-        tokenizer = load_tokenizer(path)
+        tokenizer = load_tokenizer(tokenizer_path or path, trust_remote_code=trust_remote_code)
         kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, trust_remote_code=trust_remote_code,
+                                                     **kwargs)
     except OSError as e:  # hub id not found / offline: transformers' message, minus the traceback
         raise OSError(f"could not load model {str(path)!r}: {e}") from None
+    except (ValueError, SafetensorError) as e:  # a damaged file that passed the checks below
+        raise OSError(f"could not load model {str(path)!r} ({type(e).__name__}: {e}); is it a complete "
+                      "directory written by save_pretrained?") from None
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+
+
+def _check_model_dir(p: Path, tokenizer: bool = True) -> None:
+    """A local model directory has a readable config, a tokenizer and weights; else an error
+    naming the file (transformers would fail deep inside, or quietly build an empty tokenizer)."""
+    def readable_json(name: str) -> None:
+        try:
+            json.loads((p / name).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+            raise OSError(f"{p / name} is unreadable ({type(e).__name__}: {e}); the model directory is "
+                          "damaged: write it again with save_pretrained") from None
+
+    if not (p / "config.json").is_file():
+        raise OSError(f"{p / 'config.json'} is missing: {p} is not a model directory written by "
+                      "save_pretrained (a LoRA checkpoint's model/ needs its base model: see the README)"
+                      if (p / "adapter_config.json").is_file() else
+                      f"{p / 'config.json'} is missing: {p} is not a model directory written by save_pretrained")
+    readable_json("config.json")
+    if tokenizer and not any((p / f).is_file() for f in TOKENIZER_FILES):
+        raise OSError(f"{p} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}); save the tokenizer "
+                      "next to the weights (tokenizer.save_pretrained)")
+    for name in ("tokenizer.json", "tokenizer_config.json") if tokenizer else ():
+        if (p / name).is_file():
+            readable_json(name)
+    weights = sorted(p.glob("*.safetensors")) + sorted(p.glob("pytorch_model*.bin"))
+    if not weights:
+        raise OSError(f"{p} holds no weights (no *.safetensors)")
+    for w in (w for w in weights if w.suffix == ".safetensors"):
+        try:
+            with safe_open(str(w), framework="pt"):
+                pass
+        except (OSError, SafetensorError) as e:
+            raise OSError(f"{w} is unreadable ({e}); the weights are damaged") from None
 
 
 def eos_token_ids(model, tokenizer) -> list[int]:
@@ -119,7 +165,7 @@ def is_peft(model) -> bool:
     return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
 
 
-def load_tokenizer(path: str | Path):
+def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
     """AutoTokenizer, except for tokenizers saved as plain `tokenizer.json` backends.
 
     transformers picks the tokenizer class from the model type (Qwen2Tokenizer for a
@@ -130,7 +176,7 @@ def load_tokenizer(path: str | Path):
     if cfg.exists() and json.loads(cfg.read_text()).get("tokenizer_class") in GENERIC_TOKENIZER_CLASSES:
         tokenizer = PreTrainedTokenizerFast.from_pretrained(str(path))
     else:
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     tokenizer.padding_side = "left"  # generation pads on the left
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -125,10 +125,22 @@ class RefCache:
         self._entries = {u: e for u, e in self._entries.items() if u in live}
 
     def state_dict(self) -> dict:
-        return {"entries": dict(self._entries)}
+        """Flat tensors (log-probs concatenated), so a checkpoint stores them in safetensors."""
+        uids = list(self._entries)
+        entries = [self._entries[u] for u in uids]
+        return {"uid": torch.tensor(uids, dtype=torch.long),
+                "version": torch.tensor([e[0] for e in entries], dtype=torch.long),
+                "length": torch.tensor([len(e[1]) for e in entries], dtype=torch.long),
+                "logp": torch.cat([e[1] for e in entries]) if entries else torch.zeros(0),
+                "v": torch.stack([e[2] for e in entries]) if entries else torch.zeros(0)}
 
     def load_state_dict(self, state: dict) -> None:
-        self._entries = dict(state["entries"])
+        if "entries" in state:  # the pre-safetensors layout
+            self._entries = dict(state["entries"])
+            return
+        logps = torch.split(state["logp"], state["length"].tolist())
+        self._entries = {u: (ver, lp.clone(), v.clone()) for u, ver, lp, v in
+                         zip(state["uid"].tolist(), state["version"].tolist(), logps, state["v"])}
 
 
 def _lora_layers(model):

@@ -26,9 +26,9 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import random
 import signal
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -37,7 +37,8 @@ import torch
 from tqdm import tqdm
 
 from reval.buffer import Batch, ReplayBuffer, collate
-from reval.checkpoint import clear_staging, latest_checkpoint, rng_state, save_checkpoint, set_rng_state
+from reval.checkpoint import (RunLock, atomic_write_text, clear_staging, find_resumable, latest_checkpoint, rng_state,
+                              save_checkpoint, set_rng_state)
 from reval.config import TrainConfig
 from reval.distributed import LogProbModule, all_ranks_true, full_params, is_sharded, make_accelerator
 from reval.evaluate import evaluate
@@ -45,7 +46,7 @@ from reval.logprobs import sequence_logprobs
 from reval.losses import ALGORITHMS
 from reval.metrics import MetricsLogger, read_metrics
 from reval.model import (add_lora, default_model_path, eos_token_ids, format_prompt, load_model,
-                         load_tokenizer, prompts_too_long, resolve_template, use_chat_template)
+                         prompts_too_long, resolve_template, use_chat_template)
 from reval.reference import RefCache, Reference
 from reval.rewards import resolve_rewards, score
 from reval.rollout import HFGenerator, to_experiences
@@ -160,9 +161,10 @@ def old_logprobs(policy, batch: Batch, cfg: TrainConfig, device) -> list[torch.T
     return [policy(micro.to(device))[0] for micro in micro_batches(batch, cfg.optim.micro_batch_size)]
 
 
-def _load(cfg: TrainConfig, path: str | Path):
-    model, tokenizer = load_model(path, DTYPES[cfg.model.dtype],
-                                  attn_implementation=cfg.model.attn_implementation)
+def _load(cfg: TrainConfig, path: str | Path, tokenizer_path: str | Path | None = None):
+    model, tokenizer = load_model(path, DTYPES[cfg.model.dtype], tokenizer_path=tokenizer_path,
+                                  attn_implementation=cfg.model.attn_implementation,
+                                  trust_remote_code=cfg.model.trust_remote_code)
     # No dropout anywhere: the loss compares policy and reference log-probs exactly, and
     # dropout would break ReVal's delta = 0 at the start. Then train() mode only switches
     # gradient checkpointing on (HF checkpoints layers in training mode only).
@@ -188,11 +190,10 @@ def _load_policy(cfg: TrainConfig, ckpt: Path | None, start_path):
         return _load(cfg, ckpt / "model" if ckpt else start_path)
     # LoRA: the base weights are the reference's (they change only at a reference reset)
     base_dir = ckpt / "reference" if ckpt and (ckpt / "reference").exists() else start_path
-    model, tokenizer = _load(cfg, base_dir)
+    model, tokenizer = _load(cfg, base_dir, ckpt / "model" if ckpt else None)  # reference/: weights only
     if ckpt:
         from peft import PeftModel
 
-        tokenizer = load_tokenizer(ckpt / "model")  # the reference directory holds weights only
         model = PeftModel.from_pretrained(model, ckpt / "model", is_trainable=True)
     else:
         targets = cfg.model.lora_target_modules
@@ -209,7 +210,7 @@ def _make_reference(cfg: TrainConfig, model, ckpt: Path | None, start_path, acce
     if cfg.model.lora_rank:
         return Reference(model, autocast=accelerator.autocast)
     ref_source = ckpt / "reference" if ckpt and (ckpt / "reference").exists() else start_path
-    ref_copy = _load(cfg, ref_source)[0].to(accelerator.device)
+    ref_copy = _load(cfg, ref_source, ckpt / "model" if ckpt else None)[0].to(accelerator.device)
     return Reference(model, ref_copy, autocast=accelerator.autocast)
 
 
@@ -259,21 +260,27 @@ def train(cfg: TrainConfig, resume: bool = False, *, problems: list | None = Non
     """
     cfg.validate()
     accelerator = make_accelerator(cfg.model.mixed_precision)
-    rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     for name, value in (("rollout.prompts_per_round", cfg.rollout.prompts_per_round),
                         ("buffer.capacity", cfg.buffer.capacity)):
-        if value % world:
-            raise ValueError(f"{name} = {value} must be divisible by the number of processes ({world})")
+        if value % accelerator.num_processes:
+            raise ValueError(f"{name} = {value} must be divisible by the number of processes "
+                             f"({accelerator.num_processes})")
+    # one process per run directory: two would mix their metrics and checkpoints
+    with RunLock(cfg.run_dir) if accelerator.is_main_process else contextlib.nullcontext():
+        return _train(cfg, accelerator, resume, problems, eval_problems, should_stop)
+
+
+def _train(cfg: TrainConfig, accelerator, resume: bool, problems, eval_problems, should_stop) -> dict:
+    rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     run_dir = cfg.run_dir
-    ckpt = latest_checkpoint(run_dir) if resume else None
-    state = torch.load(ckpt / "state.pt", weights_only=False) if ckpt else None
+    ckpt, state = find_resumable(run_dir, rank, set_aside=main, log=_say if main else _quiet) \
+        if resume else (None, None)
+    accelerator.wait_for_everyone()  # rank 0 sets damaged checkpoints aside after every rank chose
     if state is not None:
         cfg.check_resumable_from(TrainConfig.from_saved(state["config"]))
-        if state.get("world_size", 1) != world:
-            raise ValueError(f"cannot resume: the run used {state.get('world_size', 1)} processes, "
+        if state["world_size"] != world:
+            raise ValueError(f"cannot resume: the run used {state['world_size']} processes, "
                              f"now {world}; resume with the same number")
-        if world > 1:  # this rank's buffer shard, RNG and optimizer state
-            state.update(torch.load(ckpt / f"rank-{rank}.pt", weights_only=False))
     elif resume:  # killed before its first checkpoint: start the run over
         if main:
             print(f"no complete checkpoint in {run_dir / 'checkpoints'}; starting the run from scratch")
@@ -282,8 +289,7 @@ def train(cfg: TrainConfig, resume: bool = False, *, problems: list | None = Non
         raise ValueError(f"run directory {run_dir} already holds a run; continue it with "
                          f"--resume {run_dir}, or choose another --out")
     if main:
-        _check_writable(run_dir)
-        (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        atomic_write_text(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
     algo = ALGORITHMS[cfg.algo]
 
     # -- model, reference, optimizer ------------------------------------------------------
@@ -374,7 +380,8 @@ def train(cfg: TrainConfig, resume: bool = False, *, problems: list | None = Non
         return rec
 
     def save() -> None:
-        per_rank = {"optimizer": optimizer.state_dict(), "buffer": buffer.state_dict(), "rng": rng_state(rngs)}
+        per_rank = {"optimizer": optimizer.state_dict(), "buffer": buffer.state_dict(), "buffer_size": len(buffer),
+                    "rng": rng_state(rngs)}
         if ref_cache is not None:  # saved, so a resumed run uses the very same numbers
             per_rank["ref_cache"] = ref_cache.state_dict()
         _checkpoint(accelerator, policy, run_dir, cfg, model, tokenizer, reference, per_rank, counters)
@@ -548,7 +555,7 @@ def _checkpoint(accelerator, policy, run_dir, cfg, model, tokenizer, reference, 
                         ref_model=reference if counters["ref_version"] else None,  # else: the starting model
                         state={**per_rank, **shared}, keep=cfg.keep_checkpoints)
         return
-    from reval.checkpoint import staging_dir
+    from reval.checkpoint import save_state, staging_dir
 
     full_state = None
     if is_sharded(accelerator):  # FSDP / ZeRO-3: gather the full weights (a collective call)
@@ -556,7 +563,7 @@ def _checkpoint(accelerator, policy, run_dir, cfg, model, tokenizer, reference, 
     if accelerator.is_main_process:
         clear_staging(run_dir, counters["round"])
     accelerator.wait_for_everyone()
-    torch.save(per_rank, staging_dir(run_dir, counters["round"]) / f"rank-{accelerator.process_index}.pt")
+    save_state(per_rank, staging_dir(run_dir, counters["round"]), f"rank-{accelerator.process_index}")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         save_checkpoint(run_dir, counters["round"], model=model, tokenizer=tokenizer,
@@ -575,17 +582,6 @@ def _maybe_reset(reference, optimizer, cfg: TrainConfig, counters: dict, count: 
         counters["ref_version"] += 1
 
 
-def _check_writable(run_dir: Path) -> None:
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write-test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise OSError(f"output directory {run_dir} is not writable ({e.strerror}); "
-                      "choose another --out") from None
-
-
 def _groups_all_same(experiences) -> float:
     """Fraction of groups whose answers all got the same reward (no learning signal for GRPO)."""
     groups: dict[int, set] = {}
@@ -595,9 +591,20 @@ def _groups_all_same(experiences) -> float:
 
 
 def _truncate_metrics(path: Path, last_round: int) -> None:
-    """Drop metric lines written after the checkpoint we resume from (they will be redone)."""
+    """Drop metric lines written after the checkpoint we resume from (they will be redone),
+    and lines that are not records (a line torn by a crash mid-write, garbage), with a note."""
     if path.exists():
-        keep = [r for r in read_metrics(path) if r["round"] <= last_round]
-        tmp = path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
-        os.replace(tmp, path)  # a kill during the rewrite leaves the old file whole
+        bad: list[int] = []
+        keep = [r for r in read_metrics(path, bad_lines=bad) if r["round"] <= last_round]
+        if bad:
+            _say(f"{path}: dropped {len(bad)} line(s) that are not metric records (line "
+                 f"{', '.join(map(str, bad[:5]))}{', ...' if len(bad) > 5 else ''})")
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _quiet(message: str) -> None:
+    pass
