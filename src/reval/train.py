@@ -275,7 +275,7 @@ def _train(cfg: TrainConfig, accelerator, resume: bool, problems, eval_problems,
     run_dir = cfg.run_dir
     ckpt, state = find_resumable(run_dir, rank, set_aside=main, log=_say if main else _quiet) \
         if resume else (None, None)
-    accelerator.wait_for_everyone()  # rank 0 sets damaged checkpoints aside after every rank chose
+    accelerator.wait_for_everyone()  # every rank has chosen its checkpoint before any goes on
     if state is not None:
         cfg.check_resumable_from(TrainConfig.from_saved(state["config"]))
         if state["world_size"] != world:
