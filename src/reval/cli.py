@@ -2,6 +2,7 @@
 
     reval train [--config FILE.yaml|PRESET] [--resume DIR] [--algo reval|tbrm|tbrm_replay|grpo] [--loss.beta ...]
     reval eval --model DIR --data BENCH1.jsonl BENCH2.parquet --samples 16 --limit 100
+    reval plot RUN [RUN ...] [--out FILE.png]
     reval demo [--task mul|add] [--out DIR]
     reval pretrain [--task add|mul] [--out DIR]
 
@@ -18,10 +19,11 @@ from pathlib import Path
 
 import tyro
 
-USAGE = """usage: reval {train,eval,demo,pretrain} [--help]
+USAGE = """usage: reval {train,eval,plot,demo,pretrain} [--help] [--version]
 
   train     train with ReVal, TBRM or GRPO (reval train --help)
   eval      evaluate a model on benchmark files: greedy accuracy and avg@k, one row each
+  plot      draw runs' accuracy and reward against answers generated and seconds (reval plot RUN [RUN ...])
   demo      ReVal vs GRPO on the mul task (--task add: the addition task), table + plot, minutes on a CPU
   pretrain  rebuild the shipped warm-start model
 """
@@ -239,7 +241,13 @@ def _pretrain(argv: list[str]) -> None:
     pretrain(tyro.cli(PretrainConfig, args=argv, prog="reval pretrain"))
 
 
-COMMANDS = {"train": _train, "eval": _eval, "demo": _demo, "pretrain": _pretrain}
+def _plot(argv: list[str]) -> None:
+    from reval.plot import PlotArgs, plot_runs
+
+    print(f"wrote {plot_runs(tyro.cli(PlotArgs, args=argv, prog='reval plot'))}")
+
+
+COMMANDS = {"train": _train, "eval": _eval, "plot": _plot, "demo": _demo, "pretrain": _pretrain}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -247,6 +255,11 @@ def main(argv: list[str] | None = None) -> None:
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         raise SystemExit(0 if argv else 2)
+    if argv[0] in ("-V", "--version"):
+        from reval import __version__
+
+        print(f"reval {__version__}")
+        raise SystemExit(0)
     if argv[0] not in COMMANDS:
         raise SystemExit(f"error: unknown command {argv[0]!r}\n{USAGE}")
     from transformers.utils import logging as hf_logging
