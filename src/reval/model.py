@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast, Qwen2Config
 
 PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
@@ -44,12 +44,26 @@ def default_model_path(task: str = "add") -> Path:
 
 
 def build_char_tokenizer() -> PreTrainedTokenizerFast:
-    """A character-level tokenizer over printable ASCII; every character is one token."""
+    """A character-level tokenizer over printable ASCII; every character is one token.
+
+    Built as a byte-level BPE without merges, with exactly the pipeline transformers'
+    `Qwen2Tokenizer` rebuilds (its pre-tokenizer split, byte-level, NFC), so that
+    `AutoTokenizer`, which picks `Qwen2Tokenizer` for a Qwen2 config whatever the saved
+    tokenizer class, gives the same ids as the saved `tokenizer.json`. The ids are the
+    ones the shipped models were trained with: <pad> <eos> <unk>, then the characters.
+    """
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
     chars = [c for c in string.printable if c not in "\t\r\x0b\x0c"]  # keeps "\n" and " "
-    vocab = {tok: i for i, tok in enumerate([PAD, EOS, UNK, *chars])}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    tok.decoder = decoders.Fuse()  # join characters back without spaces
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    symbols = [byte_level.pre_tokenize_str(c)[0][0] for c in chars]  # " " -> "Ġ", "\n" -> "Ċ"
+    vocab = {tok: i for i, tok in enumerate([PAD, EOS, UNK, *symbols])}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=None, fuse_unk=False, byte_fallback=False,
+                               continuing_subword_prefix="", end_of_word_suffix=""))
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated"), byte_level])
+    tok.decoder = decoders.ByteLevel()
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token=PAD, eos_token=EOS, unk_token=UNK, padding_side="left"
     )
