@@ -1,0 +1,65 @@
+"""Guards of issue 15: values and data that used to pass and broke the run later, or silently."""
+
+import dataclasses
+import subprocess
+import sys
+
+import pytest
+
+from reval.config import TrainConfig
+
+
+# --- configuration ---------------------------------------------------------------------------
+
+def _set(cfg, dotted, value):
+    *path, last = dotted.split(".")
+    obj = cfg
+    for p in path:
+        obj = getattr(obj, p)
+    setattr(obj, last, value)
+
+
+def _float_fields(obj, prefix=""):
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from _float_fields(value, f"{prefix}{f.name}.")
+        elif isinstance(value, float):
+            yield prefix + f.name
+
+
+FLOAT_FIELDS = list(_float_fields(TrainConfig()))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("name", FLOAT_FIELDS)
+def test_every_float_field_rejects_nan_and_inf(name, bad):
+    cfg = TrainConfig()
+    _set(cfg, name, bad)
+    with pytest.raises(ValueError, match=rf"{name} = {bad!r} is invalid: must be finite"):
+        cfg.validate()
+
+
+def test_reward_weights_must_be_finite():
+    cfg = TrainConfig()
+    cfg.task.rewards, cfg.task.reward_weights = ("arithmetic",), (float("nan"),)
+    with pytest.raises(ValueError, match=r"task\.reward_weights = \(nan,\) is invalid: must hold finite numbers"):
+        cfg.validate()
+
+
+def test_config_file_value_outside_a_fields_choices():
+    with pytest.raises(ValueError, match=r"config key model\.dtype must be one of \('float32', 'bfloat16'\), "
+                                         r"got 'float64'"):
+        TrainConfig.from_dict({"model": {"dtype": "float64"}})
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--seed", str(10**23)], "seed = 100000000000000000000000 is invalid: must be in [0, 4294967295]"),
+    (["--optim.lr", "inf", "--rollout.reward-timeout", "1e10"],
+     "optim.lr = inf is invalid: must be finite and in (0, 1]"),
+])
+def test_cli_out_of_range_values_name_the_field(tmp_path, args, message):
+    proc = subprocess.run([sys.executable, "-m", "reval.cli", "train", *args, "--out", str(tmp_path / "r")],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0 and message in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "r").exists()  # refused before anything is written or loaded
