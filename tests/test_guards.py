@@ -1,11 +1,13 @@
 """Guards of issue 15: values and data that used to pass and broke the run later, or silently."""
 
 import dataclasses
+import json
 import subprocess
 import sys
 
 import pytest
 
+import reval.rewards as rewards_mod
 from reval.config import TrainConfig
 
 
@@ -63,3 +65,32 @@ def test_cli_out_of_range_values_name_the_field(tmp_path, args, message):
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode != 0 and message in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "r").exists()  # refused before anything is written or loaded
+
+
+# --- rounds in which nothing could be scored --------------------------------------------------
+
+def _tiny_cfg(tiny_dir, out, **kw):
+    cfg = TrainConfig(rounds=6, out=out, progress=False, checkpoint_every=0, **kw)
+    cfg.model.path = str(tiny_dir)
+    cfg.rollout.prompts_per_round, cfg.rollout.samples_per_prompt = 2, 4
+    cfg.buffer.capacity, cfg.optim.micro_batch_size, cfg.task.num_test = 8, 8, 4
+    cfg.eval.every = 0
+    return cfg
+
+
+def test_a_run_that_scores_nothing_stops_with_the_likely_causes(tiny_dir, tmp_path, monkeypatch):
+    from reval.train import train
+
+    def needs_a_column(completions, answer, solution, **_):  # the data has no "solution"
+        return [1.0] * len(completions)
+
+    monkeypatch.setitem(rewards_mod.REWARDS, "needs_solution", needs_a_column)
+    cfg = _tiny_cfg(tiny_dir, tmp_path / "run")
+    cfg.task.rewards = ("needs_solution",)
+    cfg.rollout.max_unscored_rounds = 2
+    with pytest.raises(ValueError, match=r"no answer could be scored in 2 rounds in a row \(round 1: 8 reward "
+                                         r"failures among 8 answers\).*needs_solution.*reward_timeout = 30s "
+                                         r"is too short.*lacks a column.*answer, question"):
+        train(cfg)
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows if "rollout/reward_failures" in r] == [1]  # stopped in round 2

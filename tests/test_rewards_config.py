@@ -38,6 +38,7 @@ def test_score_weights_and_failures():
     ("rollout.reward_timeout", float("inf"),
      "rollout.reward_timeout = inf is invalid: must be finite and in (0, 86400]"),
     ("rollout.reward_timeout", 1e10, "rollout.reward_timeout = 10000000000.0 is invalid: must be in (0, 86400]"),
+    ("rollout.max_unscored_rounds", 0, "rollout.max_unscored_rounds = 0 is invalid: must be >= 1"),
     ("optim.lr", float("inf"), "optim.lr = inf is invalid: must be finite and in (0, 1]"),
     ("optim.lr", 1e30, "optim.lr = 1e+30 is invalid: must be in (0, 1]"),
     ("optim.lr", float("nan"), "optim.lr = nan is invalid: must be finite"),

@@ -118,6 +118,9 @@ class RolloutConfig:
     budget (48 for add, 112 for mul), 48 for user data."""
     reward_timeout: float = 30.0
     """Seconds a reward function may take per call (at most 86400) before its answers are skipped."""
+    max_unscored_rounds: int = 3
+    """Stop the run after this many rounds in a row in which no answer could be scored (every
+    reward None: the reward function raises, times out, or lacks a dataset column)."""
     backend: Literal["hf", "vllm"] = "hf"
     """Sampler: HF generate, or vLLM (optional extra, CUDA) with weights pushed after updates."""
     sync_every: int = 1
@@ -290,6 +293,7 @@ class TrainConfig:
             ("checkpoint_every", self.checkpoint_every >= 0, ">= 0"),
             ("rollout.reward_timeout", 0 < self.rollout.reward_timeout <= MAX_REWARD_TIMEOUT,
              f"in (0, {MAX_REWARD_TIMEOUT:g}] seconds"),
+            ("rollout.max_unscored_rounds", self.rollout.max_unscored_rounds >= 1, ">= 1"),
             ("rollout.sync_every", self.rollout.sync_every >= 1, ">= 1"),
             ("rollout.vllm_gpu_memory_utilization", 0 < self.rollout.vllm_gpu_memory_utilization < 1,
              "in (0, 1)"),
@@ -331,7 +335,7 @@ class TrainConfig:
         """
         mutable = ("rounds", "out", "progress", "checkpoint_every", "keep_checkpoints", "eval.",
                    "optim.micro_batch_size", "model.logprob_chunk", "model.shared_prefix", "loss.ref_cache",
-                   "rollout.reward_timeout",
+                   "rollout.reward_timeout", "rollout.max_unscored_rounds",
                    "model.gradient_checkpointing", "model.attn_implementation", "task.eval_data",
                    "task.eval_limit", "rollout.backend", "rollout.vllm_gpu_memory_utilization")
         a, b = _flatten(self.to_dict()), _flatten(saved.to_dict())

@@ -333,6 +333,7 @@ def train(cfg: TrainConfig, resume: bool = False, *, problems: list | None = Non
     counters = {"round": 0, "updates": 0, "samples": 0, "seconds": 0.0, "ref_version": 0,
                 "sampler_version": 0}
     bad_updates = 0  # consecutive skipped updates
+    unscored_rounds = 0  # consecutive rounds in which no answer got a reward
     logger_start = True
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
@@ -409,6 +410,12 @@ def train(cfg: TrainConfig, resume: bool = False, *, problems: list | None = Non
             rewards, reward_failures = score(reward_fns, completions, columns,
                                              weights=cfg.task.reward_weights or None,
                                              timeout=cfg.rollout.reward_timeout)
+            # nothing scored, on any rank: a broken reward function or data, not bad luck
+            unscored = all_ranks_true(accelerator, all(r is None for r in rewards))
+            unscored_rounds = unscored_rounds + 1 if unscored else 0
+            if unscored_rounds >= cfg.rollout.max_unscored_rounds:
+                raise ValueError(_unscored_message(cfg, reward_names, columns, unscored_rounds, rnd,
+                                                   reward_failures, len(rewards)))
             for i, trunc in enumerate(samples.truncated):
                 if trunc and rewards[i] is not None:
                     rewards[i] = None if cfg.loss.drop_truncated else 0.0  # no EOS: reward 0
@@ -573,6 +580,17 @@ def _maybe_reset(reference, optimizer, cfg: TrainConfig, counters: dict, count: 
     if reference is not None and every and count % every == 0:
         reference.reset(optimizer)
         counters["ref_version"] += 1
+
+
+def _unscored_message(cfg: TrainConfig, reward_names, columns: dict, rounds: int, rnd: int, failures: int,
+                      answers: int) -> str:
+    """Why a run stops after `rollout.max_unscored_rounds` rounds without a single reward."""
+    return (f"no answer could be scored in {rounds} rounds in a row (round {rnd}: {failures} reward failures "
+            f"among {answers} answers); stopping. Likely causes: the reward function "
+            f"({', '.join(reward_names)}) raises or returns non-numbers; rollout.reward_timeout = "
+            f"{cfg.rollout.reward_timeout:g}s is too short; or the data lacks a column it needs (it gets "
+            f"{', '.join(columns)}). Try it on a few answers; rollout.max_unscored_rounds sets how many "
+            "such rounds stop the run.")
 
 
 def _check_writable(run_dir: Path) -> None:
