@@ -4,11 +4,13 @@ import dataclasses
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 
 import reval.rewards as rewards_mod
 from reval.config import TrainConfig
+from reval.rewards import score, time_limit
 
 
 # --- configuration ---------------------------------------------------------------------------
@@ -65,6 +67,57 @@ def test_cli_out_of_range_values_name_the_field(tmp_path, args, message):
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode != 0 and message in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "r").exists()  # refused before anything is written or loaded
+
+
+# --- rewards: a slow answer loses only itself ------------------------------------------------
+
+def _sleepy(calls):
+    def reward(completions, answer, **_):
+        calls.append(len(completions))
+        for c in completions:
+            if c.startswith("slow"):
+                time.sleep(2)  # interrupted by the 0.2 s limit
+        return [1.0 if c.endswith(a) else 0.0 for c, a in zip(completions, answer)]
+    return reward
+
+
+def test_slow_answers_do_not_erase_the_others():
+    calls = []
+    comps = [f"fast {i}" for i in range(8)] + [f"slow {i}" for i in range(7)]
+    comps = comps[::2] + comps[1::2]  # interleaved
+    answers = [c.split()[1] for c in comps]
+    start = time.monotonic()
+    rewards, failures = score([_sleepy(calls)], comps, {"answer": answers}, timeout=0.2)
+    elapsed = time.monotonic() - start
+    assert rewards == [1.0 if c.startswith("fast") else None for c in comps]
+    assert failures == 7
+    assert calls == [15] + [1] * 15  # one call on all, then each answer alone
+    assert elapsed < 0.2 * 9 + 1.5  # the whole call, then each slow answer, at 0.2 s each
+
+
+def test_fast_rewards_stay_one_call():
+    calls = []
+    rewards, failures = score([_sleepy(calls)], ["fast 1", "fast 2"], {"answer": ["1", "3"]}, timeout=5)
+    assert rewards == [1.0, 0.0] and failures == 0 and calls == [2]
+
+
+def test_outer_limit_still_stops_score():
+    """A time_limit around score() is not a slow answer: it propagates, it is not retried."""
+    calls = []
+    with pytest.raises(TimeoutError):
+        with time_limit(0.3):
+            score([_sleepy(calls)], ["slow 1", "slow 2"], {"answer": ["1", "2"]}, timeout=5)
+    assert calls == [2]
+
+
+def test_raising_reward_is_not_retried_per_answer():
+    calls = []
+
+    def boom(completions, **_):
+        calls.append(len(completions))
+        raise RuntimeError("down")
+
+    assert score([boom], ["a", "b", "c"], {}, timeout=1) == ([None] * 3, 3) and calls == [3]
 
 
 # --- rounds in which nothing could be scored --------------------------------------------------

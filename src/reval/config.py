@@ -117,7 +117,8 @@ class RolloutConfig:
     """Answers that reach this without EOS are marked truncated; None: the embedded task's
     budget (48 for add, 112 for mul), 48 for user data."""
     reward_timeout: float = 30.0
-    """Seconds a reward function may take per call (at most 86400) before its answers are skipped."""
+    """Seconds a reward function may take per answer (at most 86400) before the answer is
+    skipped; a slow answer only loses itself (`reval.rewards.score`)."""
     max_unscored_rounds: int = 3
     """Stop the run after this many rounds in a row in which no answer could be scored (every
     reward None: the reward function raises, times out, or lacks a dataset column)."""
