@@ -1,16 +1,24 @@
 """Guards of issue 15: values and data that used to pass and broke the run later, or silently."""
 
+import copy
 import dataclasses
 import json
+import math
 import subprocess
 import sys
 import time
 
 import pytest
+import torch
 
 import reval.rewards as rewards_mod
+from reval.buffer import collate
 from reval.config import TrainConfig
+from reval.distributed import LogProbModule
+from reval.reference import Reference
 from reval.rewards import score, time_limit
+from reval.rollout import Experience
+from reval.train import update
 
 
 # --- configuration ---------------------------------------------------------------------------
@@ -147,3 +155,60 @@ def test_a_run_that_scores_nothing_stops_with_the_likely_causes(tiny_dir, tmp_pa
         train(cfg)
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows if "rollout/reward_failures" in r] == [1]  # stopped in round 2
+
+
+# --- an optimizer step that writes non-finite weights is undone --------------------------------
+
+def _experiences(tokenizer, rewards):
+    """Answers "2i<eos>" to "Q: i+i=?", two per group."""
+    out = []
+    for i, r in enumerate(rewards):
+        prompt = tuple(tokenizer(f"Q: {i}+{i}=?\nA: ", add_special_tokens=False)["input_ids"])
+        resp = tuple(tokenizer(f"{2 * i}", add_special_tokens=False)["input_ids"]) + (tokenizer.eos_token_id,)
+        out.append(Experience(prompt, resp, r, i // 2, 0.5, 0.5, 0, 0, False))
+    return out
+
+
+class PoisonedAdamW(torch.optim.AdamW):
+    """AdamW whose steps numbered in `poison` leave an inf in the first weight."""
+
+    def __init__(self, params, poison, **kw):
+        super().__init__(params, **kw)
+        self.poison, self.calls = poison, 0
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        super().step(closure)
+        self.calls += 1
+        if self.calls in self.poison:
+            self.param_groups[0]["params"][0].view(-1)[0] = math.inf
+
+
+def _state(opt):
+    return {i: {k: v.clone() for k, v in opt.state[p].items()}
+            for i, p in enumerate(opt.param_groups[0]["params"]) if p in opt.state}
+
+
+def test_step_that_writes_non_finite_weights_is_undone(tiny):
+    model, tok = tiny
+    ref = copy.deepcopy(model).requires_grad_(False)
+    with torch.no_grad():  # move the policy off the reference so the loss has a gradient
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    batch = collate(_experiences(tok, [1.0, 0.0, 0.0, 1.0]), tok.pad_token_id)
+    cfg = TrainConfig()
+    opt = PoisonedAdamW(model.parameters(), poison={1, 3}, lr=1e-3)
+    policy, reference = LogProbModule(model), Reference(model, ref)
+    for step, skipped in ((1, 1.0), (2, 0.0), (3, 1.0), (4, 0.0)):
+        before, state = [p.detach().clone() for p in model.parameters()], _state(opt)
+        m = update(policy, reference, opt, batch, cfg)
+        assert m["perf/skipped"] == skipped, f"step {step}"
+        assert all(torch.isfinite(p).all() for p in model.parameters())
+        if skipped:  # weights and optimizer state (moments, step count) exactly as before
+            assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+            after = _state(opt)
+            assert after.keys() == state.keys()
+            assert all(torch.equal(after[i][k], state[i][k]) for i in state for k in state[i])
+        else:
+            assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert int(next(iter(opt.state.values()))["step"]) == 2  # only the two good steps counted

@@ -181,7 +181,8 @@ class OptimConfig:
     """Trajectories per forward/backward; gradient accumulation covers the rest (a value above
     the batch, prompts_per_round x samples_per_prompt, means the whole batch at once)."""
     max_bad_updates: int = 5
-    """Stop after this many updates in a row skipped for a non-finite loss or gradient."""
+    """Stop after this many updates in a row skipped for a non-finite loss or gradient (or undone
+    for non-finite weights)."""
 
 
 @dataclass
