@@ -328,6 +328,9 @@ def train(cfg: TrainConfig, resume: bool = False, *, problems: list | None = Non
         (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
     algo = ALGORITHMS[cfg.algo]
 
+    # -- data, before any model is loaded (a bad row is refused in seconds) -----------------
+    train_set, eval_sets = _datasets(cfg, problems, eval_problems)
+
     # -- model, reference, optimizer ------------------------------------------------------
     torch.manual_seed(cfg.seed)
     start_path = cfg.model.path or default_model_path(cfg.task.name)
@@ -349,8 +352,7 @@ def train(cfg: TrainConfig, resume: bool = False, *, problems: list | None = Non
     # rank 0 keeps the single-process streams, so 1-process runs are unchanged
     rngs = {"prompts": random.Random(cfg.seed + 7919 * rank), "buffer": random.Random(cfg.seed + 1 + 7919 * rank)}
 
-    # -- data, prompts, rewards -----------------------------------------------------------
-    train_set, eval_sets = _datasets(cfg, problems, eval_problems)
+    # -- prompts, rewards -----------------------------------------------------------------
     template = resolve_template(cfg.task.prompt if cfg.task.prompt != "auto"
                                 else "plain" if cfg.task.data is None else "paper")
     chat = use_chat_template(tokenizer, cfg.model.chat_template)
