@@ -6,6 +6,7 @@ import json
 import math
 import subprocess
 import sys
+import textwrap
 import time
 
 import pytest
@@ -212,3 +213,38 @@ def test_step_that_writes_non_finite_weights_is_undone(tiny):
         else:
             assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
     assert int(next(iter(opt.state.values()))["step"]) == 2  # only the two good steps counted
+
+
+# --- data at scale --------------------------------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_large_data_length_check_memory_stays_flat(tiny_dir, tmp_path):
+    """200k prompts: the context check's peak memory must not grow with the number of rows."""
+    path = tmp_path / "big.jsonl"
+    with open(path, "w") as fh:
+        for i in range(200_000):
+            fh.write(json.dumps({"question": f"{i % 997}+{i % 991}", "answer": str(i % 997 + i % 991)}) + "\n")
+    script = textwrap.dedent(f"""
+        import json
+        from reval.data import load_problems
+        from reval.model import load_model, prompts_too_long
+
+        def peak_mb():  # VmHWM: the peak resident set size since the last reset
+            status = open("/proc/self/status").read()
+            return int(status.split("VmHWM:")[1].split()[0]) / 1024
+
+        model, tok = load_model({str(tiny_dir)!r})
+        questions = [p.question for p in load_problems({str(path)!r})]
+        prompts_too_long(model, tok, questions[:5000], 48)  # warm up the tokenizer's buffers
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset VmHWM to the current RSS
+        base = peak_mb()
+        too_long = prompts_too_long(model, tok, questions, 48)
+        print(json.dumps({{"growth": peak_mb() - base, "too_long": len(too_long)}}))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["too_long"] == 0
+    assert out["growth"] < 60, out  # one batch of 4096 prompts; all 200k at once took 525 MB

@@ -75,7 +75,7 @@ from reval.tasks.choice import LETTERS, lettered_question
 from reval.tasks.math import last_boxed
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: 40 bytes less per problem (40 MB a million)
 class Problem:
     question: str
     answer: str
@@ -397,23 +397,23 @@ def _csv_rows(path: Path, name: str) -> Iterator[Row]:
 def _collect(name: str, rows: Iterable[Row], schema: Preset, q_field: str, a_field: str,
              limit: int | None, skip_bad_rows: bool) -> list[Problem]:
     problems: list[Problem] = []
-    bad: list[str] = []
+    first_bad, num_bad = "", 0  # only the first is reported: a million bad rows hold no million messages
     for where, row in rows:
         problem = row if isinstance(row, str) else _problem(row, schema, q_field, a_field)
         if isinstance(problem, str):
-            bad.append(f"{where}: {problem}")
+            first_bad, num_bad = first_bad or f"{where}: {problem}", num_bad + 1
             continue
         problems.append(problem)
         if limit is not None and len(problems) == limit:
             break
-    if bad and not skip_bad_rows:
-        others = f" (and {len(bad) - 1} more bad rows)" if len(bad) > 1 else ""
-        raise ValueError(f"{name}: {bad[0]}{others}; {_FIX}")
+    if num_bad and not skip_bad_rows:
+        others = f" (and {num_bad - 1} more bad rows)" if num_bad > 1 else ""
+        raise ValueError(f"{name}: {first_bad}{others}; {_FIX}")
     if not problems:
-        first = f" ({len(bad)} bad rows, first: {bad[0]})" if bad else ""
+        first = f" ({num_bad} bad rows, first: {first_bad})" if num_bad else ""
         raise ValueError(f"{name}: no usable rows{first}")
-    if bad:
-        warnings.warn(f"{name}: skipped {len(bad)} bad rows (first: {bad[0]})", stacklevel=3)
+    if num_bad:
+        warnings.warn(f"{name}: skipped {num_bad} bad rows (first: {first_bad})", stacklevel=3)
     return problems
 
 
