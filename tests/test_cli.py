@@ -148,6 +148,8 @@ def test_train_refuses_to_mix_two_runs_in_one_directory(tiny_dir, tmp_path):
     (["--config", "{cfg}"], "", "must hold a mapping"),
     (["--config", "{cfg}"], "rounds: ten", "config key rounds must be int, got 'ten'"),
     (["--config", "{cfg}"], "loss: 3", "config key loss must be a mapping"),
+    (["--config", "{cfg}"], "model: {dtype: float64}",
+     "config key model.dtype must be one of ('float32', 'bfloat16'), got 'float64'"),
     (["--config", "{cfg}", "--resume", "{cfg}"], "rounds: 1", "cannot take --config"),
 ])
 def test_malformed_train_arguments_are_clear_errors(tmp_path, args, content, message):

@@ -185,6 +185,9 @@ BAD_ROWS = [
     ("qa", '{"question": "q", "answer": "1"', r"not valid JSON \(Expecting ',' delimiter, column 32\)"),
     ("qa", '["q", "1"]', r"expected a JSON object, got an array"),
     ("qa", '"q"', r"expected a JSON object, got a string"),
+    ("qa", '{"question": "x\\ud800y", "answer": "1"}',
+     r"field 'question' holds a lone surrogate '\\ud800' at character 2, which is not valid Unicode text"),
+    ("qa", '{"question": "q", "answer": "\\udfff"}', r"field 'answer' holds a lone surrogate '\\udfff'"),
 ]
 GOOD_ROW = {"question": "q", "answer": "#### 1", "problem": "q", "solution": "\\boxed{1}"}
 
@@ -205,6 +208,34 @@ def test_invalid_utf8_line(tmp_path):
     path.write_bytes(json.dumps(GOOD_ROW).encode() + b'\n{"question": "caf\xe9", "answer": "1"}\n')
     with pytest.raises(ValueError, match=r"latin1\.jsonl: line 2: not valid UTF-8"):
         load_problems(path)
+
+
+def test_json_nested_too_deeply(tmp_path):
+    deep = '{"question": ' + "[" * 100_000 + "]" * 100_000 + ', "answer": "1"}'
+    path = write_jsonl(tmp_path / "deep.jsonl", [GOOD_ROW, deep])
+    with pytest.raises(ValueError, match=r"deep\.jsonl: line 2: JSON nested too deeply to read"):
+        load_problems(path)
+    array = tmp_path / "deep.json"
+    array.write_text("[" + "[" * 100_000 + "]" * 100_000 + "]")
+    with pytest.raises(ValueError, match=r"deep\.json: JSON nested too deeply to read"):
+        load_problems(array)
+
+
+def test_lone_surrogate_in_a_choice(tmp_path):
+    path = write_jsonl(tmp_path / "mc.jsonl", [{"question": "q", "choices": ["a\ud800", "b"], "answer": "A"}])
+    with pytest.raises(ValueError, match=r"mc\.jsonl: line 1: a choice holds a lone surrogate '\\ud800'"):
+        load_problems(path, preset="choice")
+
+
+def test_train_refuses_a_bad_row_before_loading_a_model(tmp_path):
+    from reval.config import TrainConfig
+    from reval.train import train
+
+    path = write_jsonl(tmp_path / "train.jsonl", [GOOD_ROW, {"question": "x\ud800", "answer": "1"}])
+    cfg = TrainConfig(out=tmp_path / "run", progress=False)
+    cfg.task.data, cfg.model.path = str(path), str(tmp_path / "no-such-model")  # never reached
+    with pytest.raises(ValueError, match=r"train\.jsonl: line 2: field 'question' holds a lone surrogate"):
+        train(cfg)
 
 
 def test_first_bad_row_and_count_of_others(tmp_path):

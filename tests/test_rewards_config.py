@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from reval.config import TrainConfig
@@ -32,6 +34,18 @@ def test_score_weights_and_failures():
     ("algo", "ppo", "algo = 'ppo' is invalid: must be one of"),
     ("loss.reward_variant", "x", "loss.reward_variant"),
     ("optim.micro_batch_size", 0, "optim.micro_batch_size"),
+    # issue 15: values that used to pass and broke the run later
+    ("rollout.reward_timeout", float("inf"),
+     "rollout.reward_timeout = inf is invalid: must be finite and in (0, 86400]"),
+    ("rollout.reward_timeout", 1e10, "rollout.reward_timeout = 10000000000.0 is invalid: must be in (0, 86400]"),
+    ("rollout.max_unscored_rounds", 0, "rollout.max_unscored_rounds = 0 is invalid: must be >= 1"),
+    ("optim.lr", float("inf"), "optim.lr = inf is invalid: must be finite and in (0, 1]"),
+    ("optim.lr", 1e30, "optim.lr = 1e+30 is invalid: must be in (0, 1]"),
+    ("optim.lr", float("nan"), "optim.lr = nan is invalid: must be finite"),
+    ("rollout.temperature", float("inf"), "rollout.temperature = inf is invalid: must be finite and > 0"),
+    ("loss.beta", float("inf"), "loss.beta = inf is invalid: must be finite and > 0"),
+    ("model.dtype", "float64", "model.dtype = 'float64' is invalid: must be one of ('float32', 'bfloat16')"),
+    ("seed", 10**23, "seed = 100000000000000000000000 is invalid: must be in [0, 4294967295]"),
 ])
 def test_invalid_config_is_rejected_with_the_field_name(field, value, message):
     cfg = TrainConfig()
@@ -40,7 +54,7 @@ def test_invalid_config_is_rejected_with_the_field_name(field, value, message):
     for p in path:
         obj = getattr(obj, p)
     setattr(obj, last, value)
-    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(".", r"\.")):
+    with pytest.raises(ValueError, match=re.escape(message)):
         cfg.validate()
 
 

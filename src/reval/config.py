@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -18,6 +20,11 @@ from typing import Literal
 from reval.losses import ALGORITHMS
 from reval.tasks import TASKS
 from reval.rewards import REWARD_VARIANTS
+
+
+MAX_LR = 1.0  # AdamW steps above this are a typo (the paper uses 1e-6, the embedded task 1e-4)
+MAX_REWARD_TIMEOUT = 86400.0  # one day per answer (setitimer overflows near 1e10 s: every answer would fail)
+MAX_SEED = 2**32 - 1  # the per-round generation seed (seed * 1_000_003 + ...) must fit torch's int64
 
 
 @dataclass
@@ -113,7 +120,11 @@ class RolloutConfig:
     """Answers that reach this without EOS are marked truncated; None: the embedded task's
     budget (48 for add, 112 for mul), 48 for user data."""
     reward_timeout: float = 30.0
-    """Seconds a reward function may take per call before its answers are skipped."""
+    """Seconds a reward function may take per answer (at most 86400) before the answer is
+    skipped; a slow answer only loses itself (`reval.rewards.score`)."""
+    max_unscored_rounds: int = 3
+    """Stop the run after this many rounds in a row in which no answer could be scored (every
+    reward None: the reward function raises, times out, or lacks a dataset column)."""
     backend: Literal["hf", "vllm"] = "hf"
     """Sampler: HF generate, or vLLM (optional extra, CUDA) with weights pushed after updates."""
     sync_every: int = 1
@@ -164,7 +175,7 @@ class LossConfig:
 @dataclass
 class OptimConfig:
     lr: float = 3e-4
-    """AdamW learning rate (constant). Tuned on the embedded task's validation split (README)."""
+    """AdamW learning rate (constant), in (0, 1]. Tuned on the embedded task's validation split (README)."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
     max_grad_norm: float = 1.0
@@ -173,7 +184,8 @@ class OptimConfig:
     """Trajectories per forward/backward; gradient accumulation covers the rest (a value above
     the batch, prompts_per_round x samples_per_prompt, means the whole batch at once)."""
     max_bad_updates: int = 5
-    """Stop after this many updates in a row skipped for a non-finite loss or gradient."""
+    """Stop after this many updates in a row skipped for a non-finite loss or gradient (or undone
+    for non-finite weights)."""
 
 
 @dataclass
@@ -193,7 +205,7 @@ class TrainConfig:
     rounds: int = 40
     """Generation rounds; answers generated = rounds x P x G."""
     seed: int = 0
-    """Seeds everything: prompt order, sampling, buffer sampling."""
+    """Seeds everything: prompt order, sampling, buffer sampling (0 to 2**32 - 1)."""
     out: Path | None = None
     """Run directory (config, metrics, checkpoints); default runs/<task>-<algo>-s<seed>."""
     checkpoint_every: int = 10
@@ -243,9 +255,15 @@ class TrainConfig:
         return Path(self.task.data.split(":")[0]).stem.replace("/", "-") or "data"
 
     def validate(self) -> "TrainConfig":
-        """Raise ValueError naming the field and the allowed range for impossible values."""
+        """Raise ValueError naming the field and the allowed range for impossible values.
+
+        Besides the ranges below: every float field must be finite (no field takes NaN or
+        inf), and every field typed with a fixed set of choices must hold one of them (the
+        command line checks both; a config file or the Python API does not).
+        """
         checks = [
             ("algo", self.algo in ALGORITHMS, f"one of {sorted(ALGORITHMS)}"),
+            ("seed", 0 <= self.seed <= MAX_SEED, f"in [0, {MAX_SEED}]"),
             ("loss.reward_variant", self.loss.reward_variant in REWARD_VARIANTS, f"one of {REWARD_VARIANTS}"),
             ("loss.beta", self.loss.beta > 0, "> 0"),
             ("loss.clip_low", 0 <= self.loss.clip_low < 1, "in [0, 1)"),
@@ -253,8 +271,8 @@ class TrainConfig:
             ("loss.ref_reset_every", self.loss.ref_reset_every >= 0, ">= 0 (0 = never)"),
             ("loss.ref_reset_unit", self.loss.ref_reset_unit in ("rounds", "updates"), "rounds or updates"),
             ("task.name", self.task.name in TASKS, f"one of {sorted(TASKS)}"),
-            ("loss.sampler_weight_cap", self.loss.sampler_weight_cap == 0 or 1 <= self.loss.sampler_weight_cap
-             < float("inf"), "0 (off) or a finite value >= 1"),
+            ("loss.sampler_weight_cap", self.loss.sampler_weight_cap == 0 or self.loss.sampler_weight_cap >= 1,
+             "0 (off) or >= 1"),
             ("buffer.updates_per_round", self.buffer.updates_per_round is None or self.buffer.updates_per_round >= 1,
              ">= 1 (or unset for the algorithm's default)"),
             ("buffer.capacity", self.buffer.capacity >= self.batch_size,
@@ -265,7 +283,7 @@ class TrainConfig:
             ("rollout.top_p", 0 < self.rollout.top_p <= 1, "in (0, 1]"),
             ("rollout.max_new_tokens", self.rollout.max_new_tokens is None or self.rollout.max_new_tokens >= 1,
              ">= 1 (or unset for the task's budget)"),
-            ("optim.lr", self.optim.lr > 0, "> 0"),
+            ("optim.lr", 0 < self.optim.lr <= MAX_LR, f"in (0, {MAX_LR:g}]"),
             ("optim.max_grad_norm", self.optim.max_grad_norm > 0, "> 0"),
             ("optim.weight_decay", self.optim.weight_decay >= 0, ">= 0"),
             ("model.logprob_chunk", self.model.logprob_chunk is None or self.model.logprob_chunk >= 1,
@@ -278,7 +296,9 @@ class TrainConfig:
             ("eval.every", self.eval.every >= 0, ">= 0"),
             ("eval.samples", self.eval.samples >= 0, ">= 0"),
             ("checkpoint_every", self.checkpoint_every >= 0, ">= 0"),
-            ("rollout.reward_timeout", self.rollout.reward_timeout > 0, "> 0"),
+            ("rollout.reward_timeout", 0 < self.rollout.reward_timeout <= MAX_REWARD_TIMEOUT,
+             f"in (0, {MAX_REWARD_TIMEOUT:g}] seconds"),
+            ("rollout.max_unscored_rounds", self.rollout.max_unscored_rounds >= 1, ">= 1"),
             ("rollout.sync_every", self.rollout.sync_every >= 1, ">= 1"),
             ("rollout.vllm_gpu_memory_utilization", 0 < self.rollout.vllm_gpu_memory_utilization < 1,
              "in (0, 1)"),
@@ -294,10 +314,21 @@ class TrainConfig:
             ("optim.max_bad_updates", self.optim.max_bad_updates >= 1, ">= 1"),
             ("keep_checkpoints", self.keep_checkpoints >= 1, ">= 1"),
         ]
-        bad = [f"{name} = {_get(self, name)!r} is invalid: must be {allowed}"
-               for name, ok, allowed in checks if not ok]
+        allowed = {name: text for name, _, text in checks}
+        bad = {}
+        for name, value, choices in _typed_values(self):  # NaN / inf first: they pass most comparisons
+            values = value if isinstance(value, tuple) else (value,)
+            if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+                rule = "hold finite numbers" if isinstance(value, tuple) else "be finite" + (
+                    f" and {allowed[name]}" if name in allowed else "")
+                bad[name] = f"{name} = {value!r} is invalid: must {rule}"
+            elif choices and value not in choices and name not in allowed:
+                bad[name] = f"{name} = {value!r} is invalid: must be one of {choices}"
+        for name, ok, text in checks:
+            if not ok and name not in bad:
+                bad[name] = f"{name} = {_get(self, name)!r} is invalid: must be {text}"
         if bad:
-            raise ValueError("invalid configuration:\n  " + "\n  ".join(bad))
+            raise ValueError("invalid configuration:\n  " + "\n  ".join(bad.values()))
         return self
 
     def check_resumable_from(self, saved: "TrainConfig") -> None:
@@ -309,7 +340,7 @@ class TrainConfig:
         """
         mutable = ("rounds", "out", "progress", "checkpoint_every", "keep_checkpoints", "eval.",
                    "optim.micro_batch_size", "model.logprob_chunk", "model.shared_prefix", "loss.ref_cache",
-                   "rollout.reward_timeout",
+                   "rollout.reward_timeout", "rollout.max_unscored_rounds",
                    "model.gradient_checkpointing", "model.attn_implementation", "task.eval_data",
                    "task.eval_limit", "rollout.backend", "rollout.vllm_gpu_memory_utilization")
         a, b = _flatten(self.to_dict()), _flatten(saved.to_dict())
@@ -342,6 +373,19 @@ class TrainConfig:
         return cls.from_dict(d)
 
 
+def _typed_values(obj, prefix: str = ""):
+    """(dotted name, value, Literal choices or ()) of every leaf field of a config dataclass."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from _typed_values(value, f"{prefix}{f.name}.")
+            continue
+        hint = hints[f.name]
+        args = typing.get_args(hint) if typing.get_origin(hint) is Literal else ()
+        yield prefix + f.name, value, args
+
+
 def _flatten(d: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in d.items():
@@ -360,6 +404,7 @@ def _get(obj, dotted: str):
 
 def _from_dict(cls, d: dict, prefix: str):
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
     unknown = sorted(set(d) - set(fields))
     if unknown:
         raise ValueError(f"unknown config key(s) {', '.join(prefix + k for k in unknown)}; "
@@ -381,5 +426,8 @@ def _from_dict(cls, d: dict, prefix: str):
                 expected is tuple and isinstance(value, list))
             if not ok or (isinstance(value, bool) and expected is not bool):
                 raise ValueError(f"config key {prefix}{name} must be {expected.__name__}, got {value!r}")
+            choices = typing.get_args(hints[name]) if typing.get_origin(hints[name]) is Literal else ()
+            if choices and value not in choices:
+                raise ValueError(f"config key {prefix}{name} must be one of {choices}, got {value!r}")
             kwargs[name] = tuple(value) if expected is tuple else value
     return cls(**kwargs)

@@ -238,17 +238,23 @@ def format_prompt(tokenizer, question: str, template: str = PROMPT_TEMPLATE, cha
 
 
 def prompts_too_long(model, tokenizer, questions: list[str], max_new_tokens: int,
-                     template: str = PROMPT_TEMPLATE, chat: bool = False) -> list[tuple[int, int]]:
+                     template: str = PROMPT_TEMPLATE, chat: bool = False,
+                     batch_size: int = 4096) -> list[tuple[int, int]]:
     """(index, prompt tokens) of each question whose prompt plus answer exceeds the context.
 
-    Models without `max_position_embeddings` in their config are not checked.
+    Prompts are formatted and tokenised `batch_size` at a time and only the offenders are
+    kept, so memory does not grow with the number of questions (a million questions at once
+    took 10 GB). Models without `max_position_embeddings` in their config are not checked.
     """
     context = getattr(model.config, "max_position_embeddings", None)
     if context is None or not questions:
         return []
-    prompts = [format_prompt(tokenizer, q, template, chat) for q in questions]
-    lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
-    return [(i, n) for i, n in enumerate(lengths) if n + max_new_tokens > context]
+    too_long = []
+    for start in range(0, len(questions), batch_size):
+        prompts = [format_prompt(tokenizer, q, template, chat) for q in questions[start:start + batch_size]]
+        ids = tokenizer(prompts, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+        too_long += [(start + i, len(x)) for i, x in enumerate(ids) if len(x) + max_new_tokens > context]
+    return too_long
 
 
 def cache_argument(decoder) -> str:

@@ -197,21 +197,30 @@ def score(reward_fns: Sequence[RewardFn], completions: list[str], columns: dict[
           timeout: float | None = None) -> tuple[list[float | None], int]:
     """Weighted sum of several reward functions; returns `(rewards, num_failures)`.
 
-    A function that raises, runs past `timeout` seconds, returns the wrong number of
-    values or a non-number marks the affected answers None (skipped) and counts a
-    failure, instead of crashing or stalling the run. On the main thread (POSIX) each call
-    runs under `time_limit(timeout)`, which interrupts it; elsewhere it runs in a daemon
-    thread that is abandoned on timeout (Python cannot kill a thread, so a function that
-    can hang for ever keeps running there: it should enforce its own limit too).
+    A function that raises, runs past `timeout` seconds on an answer, returns the wrong
+    number of values or a non-number marks the affected answers None (skipped) and counts a
+    failure, instead of crashing or stalling the run.
+
+    `timeout` is per answer, but each function is first called once on all the answers
+    under `timeout` (one call, as TRL makes it: cheap rewards stay one call, batched ones
+    keep their batch). Only if that call runs past it is the function called again on each
+    answer alone, each under `timeout`, so a slow answer loses only itself and every answer
+    that finishes keeps its reward. The retry costs up to `timeout` more than the answers
+    themselves take; after `TIMEOUTS_IN_A_ROW` (8) answers in a row time out, the rest are
+    given None untried, so a function that hangs on every answer costs `timeout` x 9. On the main thread (POSIX) each call runs under `time_limit(timeout)`, which
+    interrupts it; elsewhere it runs in a daemon thread that is abandoned on timeout
+    (Python cannot kill a thread, so a function that can hang for ever keeps running
+    there: it should enforce its own limit too).
     """
     weights = list(weights) if weights is not None else [1.0] * len(reward_fns)
     total: list[float | None] = [0.0] * len(completions)
     failures = 0
     for fn, w in zip(reward_fns, weights):
         try:
-            values = _call(fn, completions, columns, timeout)
-            if len(values) != len(completions):
-                raise ValueError(f"returned {len(values)} rewards for {len(completions)} completions")
+            values = _checked_call(fn, completions, columns, timeout)
+        except _TimedOut:  # some answer is slow: score each alone so the others are kept
+            values = _one_by_one(fn, completions, columns, timeout) if len(completions) > 1 \
+                else [None] * len(completions)
         except TimeLimitExceeded as e:
             if e.limit.active:  # a time_limit around score() ran out: not this function's fault
                 raise
@@ -228,15 +237,61 @@ def score(reward_fns: Sequence[RewardFn], completions: list[str], columns: dict[
     return total, failures
 
 
+class _TimedOut(TimeoutError):
+    """A reward function ran past `score`'s own limit (not an outer one, not its own error)."""
+
+
+def _checked_call(fn: RewardFn, completions: list[str], columns: dict, timeout: float | None) -> list:
+    values = _call(fn, completions, columns, timeout)
+    if len(values) != len(completions):
+        raise ValueError(f"returned {len(values)} rewards for {len(completions)} completions")
+    return values
+
+
+def _one_by_one(fn: RewardFn, completions: list[str], columns: dict, timeout: float | None) -> list:
+    """`fn` on each answer alone (its row of every column), each under `timeout`; None where it
+    fails. After `TIMEOUTS_IN_A_ROW` answers in a row time out, the function is taken to hang
+    on everything and the remaining answers get None without being tried."""
+    values: list = []
+    late = 0  # consecutive timeouts
+    for i, completion in enumerate(completions):
+        if late >= TIMEOUTS_IN_A_ROW:
+            return values + [None] * (len(completions) - i)
+        try:
+            row = {k: v[i:i + 1] for k, v in columns.items()}
+            values.append(_checked_call(fn, [completion], row, timeout)[0])
+            late = 0
+        except TimeLimitExceeded as e:
+            if e.limit.active:
+                raise
+            values.append(None)
+        except _TimedOut:
+            values.append(None)
+            late += 1
+        except Exception:  # noqa: BLE001 - user code, as in score()
+            values.append(None)
+            late = 0
+    return values
+
+
+TIMEOUTS_IN_A_ROW = 8  # bounds a round to timeout x 9 when a reward function hangs on every answer
+
+
 def _call(fn: RewardFn, completions: list[str], columns: dict, timeout: float | None) -> list:
     if timeout is None:
         return list(fn(completions, **columns))
+    late = _TimedOut(f"reward function {getattr(fn, '__name__', fn)!r} took over {timeout}s")
     if signals_usable():
         limit = time_limit(timeout)
-        with limit:
-            values = list(fn(completions, **columns))
+        try:
+            with limit:
+                values = list(fn(completions, **columns))
+        except TimeLimitExceeded as e:
+            if e.limit is limit and limit.expired:
+                raise late from None
+            raise
         if limit.expired:  # it caught the TimeoutError and returned late: do not trust it
-            raise TimeoutError(f"reward function {getattr(fn, '__name__', fn)!r} took over {timeout}s")
+            raise late
         return values
     result: dict = {}
 
@@ -250,7 +305,7 @@ def _call(fn: RewardFn, completions: list[str], columns: dict, timeout: float | 
     worker.start()
     worker.join(timeout)
     if worker.is_alive():
-        raise TimeoutError(f"reward function {getattr(fn, '__name__', fn)!r} took over {timeout}s")
+        raise late
     if "error" in result:
         raise result["error"]
     return result["value"]

@@ -70,7 +70,8 @@ def update(policy, reference, optimizer, batch: Batch, cfg: TrainConfig,
     Reference log-probs come from `ref_cache` when every row of a micro-batch is cached at
     `ref_version`, else from a reference pass that runs before the policy's forward, so
     the two graphs are never alive at once. Returns metrics, with `perf/skipped` = 1 if the
-    step was skipped because the loss or gradient was not finite (on any rank).
+    step was skipped because the loss or gradient was not finite, or undone because it made
+    a weight non-finite (on any rank; the weights and optimizer state are restored).
     """
     algo = ALGORITHMS[cfg.algo]
     device = accelerator.device if accelerator is not None else batch.response_ids.device
@@ -122,10 +123,63 @@ def update(policy, reference, optimizer, batch: Batch, cfg: TrainConfig,
     if accelerator is not None:
         finite = all_ranks_true(accelerator, finite)  # every rank steps, or none does
     if finite:
+        # A finite gradient can still give non-finite weights (a huge step, a custom
+        # optimizer): keep a CPU copy to undo such a step, as if it had been skipped.
+        # (DeepSpeed steps inside backward and partitions the weights: not checked there.)
+        # The copy costs 3x the trainable weights in host memory (weights + AdamW moments), so
+        # past UNDO_MAX_PARAMS a bad step stops the run instead (resume from a checkpoint).
+        check = accelerator is None or accelerator.distributed_type != "DEEPSPEED"
+        undo = check and sum(p.numel() for p in params) <= UNDO_MAX_PARAMS
+        saved = _snapshot(params, optimizer) if undo else None
         optimizer.step()
+        if check:
+            finite = _all_finite(params)
+            if accelerator is not None:
+                finite = all_ranks_true(accelerator, finite)  # every rank undoes it, or none does
+            if not finite and saved is None:
+                raise FloatingPointError(
+                    "an optimizer step made the weights non-finite (the loss and gradient were finite); "
+                    f"with more than {UNDO_MAX_PARAMS:.0e} trainable weights the step is not undone, so the "
+                    "run stops before anything is saved. Resume from the last checkpoint "
+                    "(reval train --resume DIR) with a lower optim.lr")
+            if not finite:
+                _restore(params, optimizer, saved)
     optimizer.zero_grad(set_to_none=True)
     return {**sums, "loss/total": total_loss, "loss/grad_norm": grad_norm.item(),
             "perf/skipped": 0.0 if finite else 1.0}
+
+
+UNDO_MAX_PARAMS = 200_000_000  # trainable weights up to which a non-finite step is undone (2.4 GB copy)
+
+
+def _snapshot(params: list[torch.Tensor], optimizer) -> tuple[list[torch.Tensor], list[dict]]:
+    """CPU copies of the trainable weights and of their optimizer state (empty before the first step)."""
+    states = [dict(optimizer.state[p]) if p in optimizer.state else {} for p in params]
+    tensors = [p.detach() for p in params] + [v for st in states for v in st.values() if torch.is_tensor(v)]
+    copies = [torch.empty_like(t, device="cpu") for t in tensors]
+    torch._foreach_copy_(copies, tensors)  # one batched copy: half the time of a copy per tensor
+    it = iter(copies[len(params):])
+    return copies[:len(params)], [{k: next(it) if torch.is_tensor(v) else v for k, v in st.items()} for st in states]
+
+
+def _all_finite(params: list[torch.Tensor]) -> bool:
+    """No NaN or inf in any weight: a sum per tensor is non-finite if an element is (and is
+    only otherwise past 3e38 in total); 6x cheaper than `isfinite` per element."""
+    return not params or bool(torch.stack([p.detach().sum(dtype=torch.float32) for p in params]).isfinite().all())
+
+
+@torch.no_grad()
+def _restore(params: list[torch.Tensor], optimizer, saved: tuple[list[torch.Tensor], list[dict]]) -> None:
+    """Put back the weights and optimizer state of `_snapshot`: the step never happened."""
+    for p, weight, state in zip(params, *saved):
+        p.copy_(weight)
+        if not state:
+            optimizer.state.pop(p, None)
+        for k, v in state.items():
+            if torch.is_tensor(v):
+                optimizer.state[p][k].copy_(v)
+            else:
+                optimizer.state[p][k] = v
 
 
 def micro_batches(batch: Batch, size: int) -> list[Batch]:
@@ -292,6 +346,9 @@ def _train(cfg: TrainConfig, accelerator, resume: bool, problems, eval_problems,
         atomic_write_text(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
     algo = ALGORITHMS[cfg.algo]
 
+    # -- data, before any model is loaded (a bad row is refused in seconds) -----------------
+    train_set, eval_sets = _datasets(cfg, problems, eval_problems)
+
     # -- model, reference, optimizer ------------------------------------------------------
     torch.manual_seed(cfg.seed)
     start_path = cfg.model.path or default_model_path(cfg.task.name)
@@ -313,8 +370,7 @@ def _train(cfg: TrainConfig, accelerator, resume: bool, problems, eval_problems,
     # rank 0 keeps the single-process streams, so 1-process runs are unchanged
     rngs = {"prompts": random.Random(cfg.seed + 7919 * rank), "buffer": random.Random(cfg.seed + 1 + 7919 * rank)}
 
-    # -- data, prompts, rewards -----------------------------------------------------------
-    train_set, eval_sets = _datasets(cfg, problems, eval_problems)
+    # -- prompts, rewards -----------------------------------------------------------------
     template = resolve_template(cfg.task.prompt if cfg.task.prompt != "auto"
                                 else "plain" if cfg.task.data is None else "paper")
     chat = use_chat_template(tokenizer, cfg.model.chat_template)
@@ -339,6 +395,7 @@ def _train(cfg: TrainConfig, accelerator, resume: bool, problems, eval_problems,
     counters = {"round": 0, "updates": 0, "samples": 0, "seconds": 0.0, "ref_version": 0,
                 "sampler_version": 0}
     bad_updates = 0  # consecutive skipped updates
+    unscored_rounds = 0  # consecutive rounds in which no answer got a reward
     logger_start = True
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
@@ -416,6 +473,12 @@ def _train(cfg: TrainConfig, accelerator, resume: bool, problems, eval_problems,
             rewards, reward_failures = score(reward_fns, completions, columns,
                                              weights=cfg.task.reward_weights or None,
                                              timeout=cfg.rollout.reward_timeout)
+            # nothing scored, on any rank: a broken reward function or data, not bad luck
+            unscored = all_ranks_true(accelerator, all(r is None for r in rewards))
+            unscored_rounds = unscored_rounds + 1 if unscored else 0
+            if unscored_rounds >= cfg.rollout.max_unscored_rounds:
+                raise ValueError(_unscored_message(cfg, reward_names, columns, unscored_rounds, rnd,
+                                                   reward_failures, len(rewards)))
             for i, trunc in enumerate(samples.truncated):
                 if trunc and rewards[i] is not None:
                     rewards[i] = None if cfg.loss.drop_truncated else 0.0  # no EOS: reward 0
@@ -451,7 +514,7 @@ def _train(cfg: TrainConfig, accelerator, resume: bool, problems, eval_problems,
                 if bad_updates >= cfg.optim.max_bad_updates:
                     last = latest_checkpoint(run_dir)
                     raise FloatingPointError(
-                        f"{bad_updates} updates in a row had a non-finite loss or gradient "
+                        f"{bad_updates} updates in a row had a non-finite loss, gradient or weights "
                         f"(round {rnd}); stopping. Last good checkpoint: {last or 'none'}. "
                         "Lower optim.lr or raise loss.beta, then resume or restart.")
                 m["buffer/staleness_mean"] = (counters["updates"] - batch.version.float()).mean().item()
@@ -580,6 +643,17 @@ def _maybe_reset(reference, optimizer, cfg: TrainConfig, counters: dict, count: 
     if reference is not None and every and count % every == 0:
         reference.reset(optimizer)
         counters["ref_version"] += 1
+
+
+def _unscored_message(cfg: TrainConfig, reward_names, columns: dict, rounds: int, rnd: int, failures: int,
+                      answers: int) -> str:
+    """Why a run stops after `rollout.max_unscored_rounds` rounds without a single reward."""
+    return (f"no answer could be scored in {rounds} rounds in a row (round {rnd}: {failures} reward failures "
+            f"among {answers} answers); stopping. Likely causes: the reward function "
+            f"({', '.join(reward_names)}) raises or returns non-numbers; rollout.reward_timeout = "
+            f"{cfg.rollout.reward_timeout:g}s is too short; or the data lacks a column it needs (it gets "
+            f"{', '.join(columns)}). Try it on a few answers; rollout.max_unscored_rounds sets how many "
+            "such rounds stop the run.")
 
 
 def _groups_all_same(experiences) -> float:
