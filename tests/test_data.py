@@ -197,7 +197,7 @@ def test_bad_jsonl_row_names_file_and_line(tmp_path, preset, line, message):
     path = tmp_path / "train.jsonl"
     path.write_text(json.dumps(GOOD_ROW) + "\n\n" + json.dumps(GOOD_ROW) + "\n" + line + "\n")
     with pytest.raises(ValueError, match=rf"train\.jsonl: line 4: {message}.*; fix the rows, "
-                                         r"choose --task\.preset / field names, or pass skip_bad_rows"):
+                                         r"or choose --task\.preset / --task\.question-field / --task\.answer-field"):
         load_problems(path, preset=preset)
     with pytest.warns(UserWarning, match=rf"train\.jsonl: skipped 1 bad rows \(first: line 4: {message}"):
         assert len(load_problems(path, preset=preset, skip_bad_rows=True)) == 2

@@ -19,6 +19,11 @@ wrote cannot run code when it is resumed. Checkpoints of earlier versions (`stat
 with `torch.load(weights_only=True)`, which refuses anything but tensors and plain containers;
 the next checkpoint of the resumed run is written in the new format.
 
+Why not accelerate's `save_state`: it pickles the optimizer and RNG states (`torch.save`),
+writes in place (a kill mid-save leaves a partial directory under the final name), keeps no
+manifest to verify, and knows nothing of the replay buffer or the reference model; each of
+those is what this module is for. The model itself is saved by transformers / peft.
+
 On resume `find_resumable` verifies the newest checkpoint against its manifest and checks
 that every part the resume needs is there and consistent; a damaged one is set aside as
 `damaged-round-*` with the reason, and the next newest is tried.

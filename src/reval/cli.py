@@ -89,7 +89,6 @@ class EvalArgs:
 
 def _train(argv: list[str]) -> None:
     from reval.config import TrainConfig
-    from reval.train import train
 
     base, resume = TrainConfig(), False
     argv = list(argv)
@@ -104,11 +103,38 @@ def _train(argv: list[str]) -> None:
     if config_path:
         config_path = _preset_or_path(config_path)
         base = TrainConfig.from_dict(_read_config(config_path))
-    cfg = tyro.cli(TrainConfig, default=base, args=argv, prog="reval train",
-                   description="Train with ReVal, TBRM or GRPO. Also: --config FILE, --resume DIR.")
+    cfg = tyro.cli(TrainConfig, default=base, args=argv, prog="reval train", description=TRAIN_HELP)
+    if resume and not _trusts_saved_rewards(base, argv):
+        raise ValueError(f"--resume {run_dir}: the run scores answers with your own code "
+                         f"({', '.join(r for r in base.task.rewards if ':' in r)}); a run directory alone never runs "
+                         "code, so name it again to confirm you trust it: --task.rewards "
+                         + " ".join(base.task.rewards))
+    cfg.validate()  # bad values are refused before torch and the model load
+    from reval.train import train
+
     result = train(cfg, resume=resume)
     if int(os.environ.get("RANK", "0")) == 0:  # one summary under accelerate launch / torchrun
         print(json.dumps({k: v for k, v in result.items() if not isinstance(v, list)}, indent=2))
+
+
+# --config and --resume are read before tyro parses the rest: tyro has no config-file
+# loading of its own, and a file's (or a saved run's) values must become the defaults that
+# the flags then override (tyro's `default=`), with our own errors naming file and key. So
+# tyro cannot list the two: the description does.
+TRAIN_HELP = """Train with ReVal, TBRM or GRPO.
+
+Two options are read before the others:
+  --config FILE.yaml|PRESET   start from a config file (YAML or JSON, keys as below) or a shipped
+                              preset (paper-qwen2.5-math-7b, paper-r1-distill-1.5b); flags override it
+  --resume DIR                continue the run in DIR with its saved config (only rounds, eval,
+                              checkpoint and memory settings may be changed by flags)
+"""
+
+
+def _trusts_saved_rewards(saved, argv: list[str]) -> bool:
+    """A resumed run whose config names a user's reward code ("module:fn", "file.py:fn") runs
+    that code only if the command line names it again: config.json alone never runs code."""
+    return not any(":" in r for r in saved.task.rewards) or "--task.rewards" in argv
 
 
 def _pop_flag(argv: list[str], flag: str) -> Path | None:
@@ -151,25 +177,37 @@ def _read_config(path: Path) -> dict:
 
 
 def _eval(argv: list[str]) -> None:
+    args = tyro.cli(EvalArgs, args=argv, prog="reval eval")  # --help and argument errors: before torch
+    if args.dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"--dtype {args.dtype!r}: choose float32 or bfloat16")
+    if args.limit_mode not in ("random", "first"):
+        raise ValueError(f"--limit-mode {args.limit_mode!r}: choose random or first")
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit {args.limit}: a positive number of problems (or leave it out for all)")
+    from reval.data import EVAL_FIX, PRESETS, load_problems
+
+    if args.preset not in PRESETS:
+        raise ValueError(f"--preset {args.preset!r}: choose one of {', '.join(sorted(PRESETS))}")
+    benchmarks = {}  # read (and checked) before the model loads: a bad row costs seconds, not minutes
+    for source in args.data:
+        name = Path(source.split(":")[0]).stem
+        benchmarks[name if name not in benchmarks else source] = (source, load_problems(
+            source, preset=args.preset, question_field=args.question_field, answer_field=args.answer_field,
+            split="test", limit=args.limit, limit_mode=args.limit_mode, limit_seed=args.limit_seed,
+            skip_bad_rows=args.skip_bad_rows, fix_hint=EVAL_FIX))
     import torch
 
-    from reval.data import load_problems
     from reval.evaluate import evaluate
-    from reval.model import (default_model_path, eos_token_ids, load_model, prompts_too_long,
+    from reval.model import (auto_prompt, default_model_path, eos_token_ids, load_model, prompts_too_long,
                              resolve_template, use_chat_template)
     from reval.rewards import resolve_rewards
 
-    args = tyro.cli(EvalArgs, args=argv, prog="reval eval")
-    if args.dtype not in ("float32", "bfloat16"):
-        raise ValueError(f"--dtype {args.dtype!r}: choose float32 or bfloat16")
-    if args.limit_mode not in ("random", "first"):  # checked before the (slow) model load
-        raise ValueError(f"--limit-mode {args.limit_mode!r}: choose random or first")
     model_path = args.model or default_model_path()
     model, tokenizer = load_model(model_path, getattr(torch, args.dtype), trust_remote_code=args.trust_remote_code)
     if torch.cuda.is_available():
         model.cuda()
     chat = use_chat_template(tokenizer, args.chat_template)
-    template = resolve_template(args.prompt if args.prompt != "auto" else "paper" if chat else "plain")
+    template = resolve_template(args.prompt if args.prompt != "auto" else auto_prompt(chat))
     auto = ("multiple_choice" if args.preset == "choice" else "arithmetic" if args.model is None
             else "math_verify")
     verifier = resolve_rewards([args.reward if args.reward != "auto" else auto])[0]
@@ -180,17 +218,12 @@ def _eval(argv: list[str]) -> None:
         generator = VLLMGenerator(str(model_path), tokenizer, dtype=args.dtype,
                                   eos_token_ids=eos_token_ids(model, tokenizer))
     results = {}
-    for source in args.data:
-        name = Path(source.split(":")[0]).stem
-        problems = load_problems(source, preset=args.preset, question_field=args.question_field,
-                                 answer_field=args.answer_field, split="test", limit=args.limit,
-                                 limit_mode=args.limit_mode, limit_seed=args.limit_seed,
-                                 skip_bad_rows=args.skip_bad_rows)
+    for name, (source, problems) in benchmarks.items():
         too_long = prompts_too_long(model, tokenizer, [p.question for p in problems], args.max_new_tokens,
                                     template, chat)
         if too_long and not args.skip_bad_rows:
             i, n = too_long[0]
-            raise ValueError(f"{source}: question {i + 1} is {n} tokens; with max_new_tokens="
+            raise ValueError(f"{source}: question {i + 1} is {n} tokens; with --max-new-tokens "
                              f"{args.max_new_tokens} it exceeds the model's context of "
                              f"{model.config.max_position_embeddings} ({len(too_long)} such rows); "
                              "shorten it or pass --skip-bad-rows")
@@ -204,8 +237,8 @@ def _eval(argv: list[str]) -> None:
                        samples=args.samples, greedy=args.greedy, max_new_tokens=args.max_new_tokens,
                        temperature=args.temperature, top_p=args.top_p, template=template, chat=chat,
                        verifier=verifier, eos_token_ids=eos_token_ids(model, tokenizer),
-                       generator=generator, keep_items=True)
-        results[name if name not in results else source] = {**res, "n": len(problems)}
+                       generator=generator, keep_items=True, progress=name)
+        results[name] = {**res, "n": len(problems)}
     _print_eval_table(results)
     summary = {k: {m: v for m, v in r.items() if m != "items"} for k, r in results.items()}
     print(json.dumps(summary, indent=2))
@@ -262,10 +295,10 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(0)
     if argv[0] not in COMMANDS:
         raise SystemExit(f"error: unknown command {argv[0]!r}\n{USAGE}")
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # our own bars only; HF's per-save bars are noise here
-    hf_logging.set_verbosity_error()
+    # our own bars only (HF's per-load and per-save bars are noise here), and HF's errors only;
+    # through the environment, so transformers loads when a command needs it, not for --help
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
         COMMANDS[argv[0]](argv[1:])
     except (ValueError, OSError, FloatingPointError) as e:  # bad input: a message, not a traceback

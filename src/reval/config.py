@@ -17,9 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from reval.losses import ALGORITHMS
-from reval.tasks import TASKS
 from reval.rewards import REWARD_VARIANTS
+from reval.tasks import TASKS
+
+# reval.losses (torch) is imported where it is needed, so `reval train --help` and argument
+# errors answer before torch loads; its registry's names (a test keeps the two equal):
+ALGORITHM_NAMES = ("reval", "tbrm", "tbrm_replay", "grpo")
+TRACKERS = ("tensorboard", "wandb", "mlflow")
 
 
 MAX_LR = 1.0  # AdamW steps above this are a typo (the paper uses 1e-6, the embedded task 1e-4)
@@ -88,7 +92,8 @@ class TaskConfig:
     """Seed of the random `eval_limit` subsample."""
     prompt: str = "auto"
     """Prompt preset ("plain", "paper", "question") or a format string with {question};
-    auto: "plain" for the embedded task, "paper" for math data."""
+    auto: "paper" inside a chat template, else "plain" (the shipped models' "Q: ...\nA: "),
+    the same rule as `reval eval`; the embedded task is always "plain"."""
     rewards: tuple[str, ...] = ()
     """Reward functions from `reval.rewards.REWARDS`, summed with `reward_weights`; empty:
     "arithmetic" for the embedded task, "math_verify" for data. The first one also scores eval."""
@@ -214,6 +219,10 @@ class TrainConfig:
     """Checkpoints kept; older ones are deleted only after a new one is complete."""
     progress: bool = True
     """Show a progress bar."""
+    report_to: str = "auto"
+    """Trackers that also get the metrics (through accelerate's tracker integration), next to
+    metrics.jsonl: none, or a comma-separated list of tensorboard, wandb, mlflow (pip install
+    -e ".[tensorboard]" / ".[wandb]" / ".[mlflow]"); auto: tensorboard when it is installed."""
     model: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
@@ -230,6 +239,8 @@ class TrainConfig:
     def updates_per_round(self) -> int:
         """K, resolved: the configured value or the algorithm's default."""
         k = self.buffer.updates_per_round
+        from reval.losses import ALGORITHMS
+
         return k if k is not None else ALGORITHMS[self.algo].default_updates_per_round
 
     @property
@@ -262,7 +273,7 @@ class TrainConfig:
         command line checks both; a config file or the Python API does not).
         """
         checks = [
-            ("algo", self.algo in ALGORITHMS, f"one of {sorted(ALGORITHMS)}"),
+            ("algo", self.algo in ALGORITHM_NAMES, f"one of {sorted(ALGORITHM_NAMES)}"),
             ("seed", 0 <= self.seed <= MAX_SEED, f"in [0, {MAX_SEED}]"),
             ("loss.reward_variant", self.loss.reward_variant in REWARD_VARIANTS, f"one of {REWARD_VARIANTS}"),
             ("loss.beta", self.loss.beta > 0, "> 0"),
@@ -313,6 +324,9 @@ class TrainConfig:
              f"one weight per reward in task.rewards ({len(self.task.rewards)})"),
             ("optim.max_bad_updates", self.optim.max_bad_updates >= 1, ">= 1"),
             ("keep_checkpoints", self.keep_checkpoints >= 1, ">= 1"),
+            ("report_to", self.report_to in ("auto", "none") or all(
+                t.strip() in TRACKERS for t in self.report_to.split(",")),
+             f"auto, none, or a comma-separated list of {', '.join(TRACKERS)}"),
         ]
         allowed = {name: text for name, _, text in checks}
         bad = {}
@@ -338,7 +352,7 @@ class TrainConfig:
         timeout knobs that do not change the maths may change on resume; anything else
         would silently mix two different experiments.
         """
-        mutable = ("rounds", "out", "progress", "checkpoint_every", "keep_checkpoints", "eval.",
+        mutable = ("rounds", "out", "progress", "report_to", "checkpoint_every", "keep_checkpoints", "eval.",
                    "optim.micro_batch_size", "model.logprob_chunk", "model.shared_prefix", "loss.ref_cache",
                    "rollout.reward_timeout", "rollout.max_unscored_rounds",
                    "model.gradient_checkpointing", "model.attn_implementation", "task.eval_data",

@@ -61,6 +61,7 @@ not checked either.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -80,6 +81,9 @@ class Problem:
     question: str
     answer: str
     """The reference final answer as a string, ready for a verifier (e.g. "18", "\\frac{1}{2}")."""
+    columns: dict[str, Any] | None = None
+    """The row's other fields (None if it has none): reward functions get each as a keyword
+    argument, as in TRL, next to `question` and `answer`."""
 
 
 @dataclass(frozen=True)
@@ -187,7 +191,9 @@ FILE_FORMATS = {".jsonl": "JSON lines", ".json": "JSON lines", ".parquet": "Parq
 # Suffixes that mark a string as a file name (hub ids rarely have one), supported or not.
 _FILE_SUFFIXES = {*FILE_FORMATS, ".txt", ".tsv", ".arrow", ".gz", ".zip", ".xlsx", ".yaml", ".yml"}
 
-_FIX = "fix the rows, choose --task.preset / field names, or pass skip_bad_rows"
+TRAIN_FIX = ("fix the rows, or choose --task.preset / --task.question-field / --task.answer-field "
+             "(Python: preset=, question_field=, answer_field=)")
+EVAL_FIX = "fix the rows, choose --preset / --question-field / --answer-field, or pass --skip-bad-rows"
 
 # (where the row is, e.g. "line 7" or "row 3"; the row, or what is wrong with it)
 Row = tuple[str, "dict[str, Any] | str"]
@@ -199,11 +205,12 @@ LIMIT_MODES = ("random", "first")
 def load_problems(source: Any, *, preset: str = "qa", question_field: str | None = None,
                   answer_field: str | None = None, split: str = "train", limit: int | None = None,
                   limit_mode: str = "random", limit_seed: int = 0,
-                  skip_bad_rows: bool = False) -> list[Problem]:
+                  skip_bad_rows: bool = False, fix_hint: str = TRAIN_FIX) -> list[Problem]:
     """Problems from a file, a saved or in-memory dataset, or a hub dataset id (see the module doc).
 
     `limit` keeps N problems: a seeded random subsample in file order (`limit_mode="random"`,
-    seed `limit_seed`) or the first N (`limit_mode="first"`).
+    seed `limit_seed`) or the first N (`limit_mode="first"`). `fix_hint` ends the message of a
+    bad row: how to fix it, in the calling command's own flags.
     """
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
@@ -216,7 +223,7 @@ def load_problems(source: Any, *, preset: str = "qa", question_field: str | None
     a_field = answer_field or schema.answer_field
     name, rows = _open(source, split)
     stop = limit if limit_mode == "first" else None  # random: every row is read (and checked)
-    problems = _collect(name, rows, schema, q_field, a_field, stop, skip_bad_rows)
+    problems = _collect(name, rows, schema, q_field, a_field, stop, skip_bad_rows, fix_hint)
     if limit_mode == "random" and limit is not None and len(problems) > limit:
         # Indices drawn over all usable rows, then sorted: the subsample depends only on the
         # seed and the data, never on how the rows were read, and keeps the file's order.
@@ -238,6 +245,10 @@ def _open(source: Any, split: str) -> tuple[str, Iterable[Row]]:
         if path.exists() or _looks_like_path(source):
             return _open_path(path, split, name=source)
         return _open_hub(source, split)
+    if isinstance(source, (list, tuple)):
+        return "list of rows", ((f"row {i}", r if isinstance(r, dict) else
+                                 f"must be a mapping of field names to values, got {_describe(r)}")
+                                for i, r in enumerate(source, start=1))
     datasets = _import_datasets()
     if isinstance(source, (datasets.DatasetDict, datasets.IterableDatasetDict)):
         return _pick_split("dataset in memory", source, split)
@@ -254,6 +265,11 @@ def _looks_like_path(source: str) -> bool:
 
 
 def _open_path(path: Path, split: str, name: str | None = None) -> tuple[str, Iterable[Row]]:
+    # Files are read by our own small readers rather than `datasets.load_dataset`, which
+    # infers one schema for the whole file and fails with an Arrow cast error that names no
+    # line: here every bad row is reported with its file and line (and can be skipped),
+    # rows are streamed (flat memory for a million rows), and nothing is cached on disk.
+    # save_to_disk directories and hub ids do go through `datasets`.
     name = name or str(path)
     if not path.exists():
         raise FileNotFoundError(f"{name}: no such file or directory")
@@ -395,7 +411,7 @@ def _csv_rows(path: Path, name: str) -> Iterator[Row]:
 # --- from rows to problems -------------------------------------------------------------------
 
 def _collect(name: str, rows: Iterable[Row], schema: Preset, q_field: str, a_field: str,
-             limit: int | None, skip_bad_rows: bool) -> list[Problem]:
+             limit: int | None, skip_bad_rows: bool, fix_hint: str) -> list[Problem]:
     problems: list[Problem] = []
     first_bad, num_bad = "", 0  # only the first is reported: a million bad rows hold no million messages
     for where, row in rows:
@@ -408,7 +424,7 @@ def _collect(name: str, rows: Iterable[Row], schema: Preset, q_field: str, a_fie
             break
     if num_bad and not skip_bad_rows:
         others = f" (and {num_bad - 1} more bad rows)" if num_bad > 1 else ""
-        raise ValueError(f"{name}: {first_bad}{others}; {_FIX}")
+        raise ValueError(f"{name}: {first_bad}{others}; {fix_hint}")
     if not problems:
         first = f" ({num_bad} bad rows, first: {first_bad})" if num_bad else ""
         raise ValueError(f"{name}: no usable rows{first}")
@@ -421,7 +437,9 @@ def _problem(row: dict[str, Any], schema: Preset, q_field: str, a_field: str) ->
     """The problem in one row, or a string saying what is wrong with the row."""
     if schema.read_row is not None:
         problem = schema.read_row(row, q_field, a_field)  # the question field is checked there
-        return problem if isinstance(problem, str) else _not_unicode(problem.question, "a choice") or problem
+        if isinstance(problem, str):
+            return problem
+        return _not_unicode(problem.question, "a choice") or dataclasses.replace(problem, columns=_other_columns(row))
     problem = _missing(row, (q_field, a_field)) or _not_text(row, q_field)
     if problem:
         return problem
@@ -437,7 +455,11 @@ def _problem(row: dict[str, Any], schema: Preset, q_field: str, a_field: str) ->
         return f"field {a_field!r} has no final answer: expected {schema.expects}"
     if not answer.strip():
         return f"field {a_field!r} gives an empty answer"
-    return Problem(question, answer.strip())
+    return Problem(question, answer.strip(), _other_columns(row))
+
+
+def _other_columns(row: dict[str, Any]) -> dict[str, Any] | None:
+    return {k: v for k, v in row.items() if k not in ("question", "answer")} or None
 
 
 def _missing(row: dict[str, Any], fields: Iterable[str]) -> str | None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from tqdm import tqdm
+
 from reval.model import PROMPT_TEMPLATE, format_prompt
 from reval.rewards import RewardFn, correctness_reward, score
 from reval.rollout import generate
@@ -20,11 +22,13 @@ def evaluate(model, tokenizer, questions: Sequence[str], answers: Sequence[str],
              top_p: float = 1.0, template: str = PROMPT_TEMPLATE, chat: bool = False,
              batch_size: int = 256, keep_items: bool = False, greedy: bool = True,
              verifier: RewardFn = correctness_reward, generator=None,
-             eos_token_ids: list[int] | None = None, timeout: float | None = 30.0) -> dict:
+             eos_token_ids: list[int] | None = None, timeout: float | None = 30.0,
+             progress: str | None = None) -> dict:
     """Greedy accuracy over all questions, plus `mean@k` over `samples` sampled answers.
 
     An answer is correct when `verifier` (a reward function) gives it 1. `generator` is a
-    rollout backend (HF or vLLM); None samples from `model` with HF `generate`.
+    rollout backend (HF or vLLM); None samples from `model` with HF `generate`. `progress`:
+    show a progress bar (problems done) with this label.
     Returns `{"accuracy" (if greedy), "mean@k" (if samples), "items" (if keep_items)}`,
     each a fraction in [0, 1].
     """
@@ -44,6 +48,7 @@ def evaluate(model, tokenizer, questions: Sequence[str], answers: Sequence[str],
 
     prompts = [format_prompt(tokenizer, q, template, chat) for q in questions]
     n_greedy, n_sampled, items = 0, 0, []
+    bar = tqdm(total=len(prompts), desc=progress, unit="problem", disable=progress is None, dynamic_ncols=True)
     for start in range(0, len(prompts), batch_size):
         chunk = slice(start, start + batch_size)
         refs = answers[chunk]
@@ -56,6 +61,8 @@ def evaluate(model, tokenizer, questions: Sequence[str], answers: Sequence[str],
         if samples:
             out = sample(prompts[chunk], samples_per_prompt=samples, temperature=temperature, top_p=top_p)
             n_sampled += sum(correct(out.response_ids, [a for a in refs for _ in range(samples)])[1])
+        bar.update(len(refs))
+    bar.close()
     n = max(len(prompts), 1)
     result = {"accuracy": n_greedy / n} if greedy else {}
     if samples:

@@ -197,6 +197,13 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
     return tokenizer
 
 
+def auto_prompt(chat: bool, embedded: bool = False) -> str:
+    """The prompt preset `auto` means, the same in training and evaluation: "plain" (the
+    shipped models' format) for the embedded task and for a model without a chat template,
+    "paper" (ask for a boxed answer) inside a chat template."""
+    return "paper" if chat and not embedded else "plain"
+
+
 def resolve_template(prompt: str) -> str:
     """A preset name from `PROMPTS`, or a format string containing `{question}`."""
     template = PROMPTS.get(prompt, prompt)

@@ -39,22 +39,74 @@ REWARDS: dict[str, RewardFn] = {
 }
 
 
-def resolve_rewards(names: Sequence[str]) -> list[RewardFn]:
-    """The reward functions named in `names` (keys of `REWARDS`), in order.
+def resolve_rewards(names: Sequence[str | RewardFn]) -> list[RewardFn]:
+    """The reward functions in `names`, in order: callables as they are, keys of `REWARDS`,
+    or a user's function as "package.module:function" or "path/to/file.py:function".
 
-    Raises ValueError on an unknown name, and ImportError when a function's optional
-    dependency is missing (its `prepare()` imports it now, not inside a timed `score`).
+    Raises ValueError on an unknown name or a function that cannot be loaded, and
+    ImportError when a function's optional dependency is missing (its `prepare()` imports
+    it now, not inside a timed `score`).
     """
-    unknown = [n for n in names if n not in REWARDS]
-    if unknown:
-        raise ValueError(f"unknown reward function(s) {', '.join(map(repr, unknown))}; "
-                         f"known: {', '.join(sorted(REWARDS))}")
-    fns = [REWARDS[n] for n in names]
+    fns = []
+    for name in names:
+        if callable(name):
+            fns.append(name)
+        elif name in REWARDS:
+            fns.append(REWARDS[name])
+        elif isinstance(name, str) and ":" in name:
+            fns.append(load_reward(name))
+        else:
+            raise ValueError(f"unknown reward function {name!r}; known: {', '.join(sorted(REWARDS))}, or "
+                             "your own as module:function or path/to/file.py:function")
     for fn in fns:
         prepare = getattr(fn, "prepare", None)
         if callable(prepare):
             prepare()
     return fns
+
+
+def load_reward(ref: str) -> RewardFn:
+    """A user's reward function from "package.module:function" or "path/to/file.py:function".
+    Importing it runs that module's code: name only code you trust."""
+    import importlib
+    import importlib.util
+    from pathlib import Path
+
+    where, _, attr = ref.rpartition(":")
+    if not where or not attr:
+        raise ValueError(f"reward {ref!r}: write module:function or path/to/file.py:function")
+    try:
+        if where.endswith(".py"):
+            path = Path(where).expanduser()
+            if not path.is_file():
+                raise ValueError(f"reward {ref!r}: no file {path}")
+            spec = importlib.util.spec_from_file_location(f"reval_user_reward_{path.stem}", path)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(where)
+    except ValueError:
+        raise
+    except ImportError as e:
+        raise ValueError(f"reward {ref!r}: cannot import {where} ({e})") from None
+    except Exception as e:  # noqa: BLE001 - the user's module failed while loading
+        raise ValueError(f"reward {ref!r}: importing {where} raised {type(e).__name__}: {e}") from None
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        public = sorted(k for k, v in vars(module).items() if callable(v) and not k.startswith("_"))
+        raise ValueError(f"reward {ref!r}: {where} has no function {attr!r} "
+                         f"(it has: {', '.join(public) or 'none'})")
+    return fn
+
+
+def reward_name(fn: RewardFn | str) -> str:
+    """How a reward function is named in configs, metrics and messages."""
+    if isinstance(fn, str):
+        return fn
+    for name, known in REWARDS.items():
+        if known is fn:
+            return name
+    return f"{getattr(fn, '__module__', '?')}:{getattr(fn, '__qualname__', repr(fn))}"
 
 
 # ---------------------------------------------------------------------------------------
@@ -193,8 +245,8 @@ def time_limit(seconds: float | None) -> TimeLimit:
 
 
 def score(reward_fns: Sequence[RewardFn], completions: list[str], columns: dict[str, list],
-          weights: Sequence[float] | None = None,
-          timeout: float | None = None) -> tuple[list[float | None], int]:
+          weights: Sequence[float] | None = None, timeout: float | None = None,
+          errors: dict[str, str] | None = None) -> tuple[list[float | None], int]:
     """Weighted sum of several reward functions; returns `(rewards, num_failures)`.
 
     A function that raises, runs past `timeout` seconds on an answer, returns the wrong
@@ -211,24 +263,31 @@ def score(reward_fns: Sequence[RewardFn], completions: list[str], columns: dict[
     interrupts it; elsewhere it runs in a daemon thread that is abandoned on timeout
     (Python cannot kill a thread, so a function that can hang for ever keeps running
     there: it should enforce its own limit too).
+
+    `errors`, if given, receives for each function that failed the first failure, by name
+    (`reward_name`): the exception, the timeout, or the value it returned.
     """
     weights = list(weights) if weights is not None else [1.0] * len(reward_fns)
     total: list[float | None] = [0.0] * len(completions)
     failures = 0
     for fn, w in zip(reward_fns, weights):
+        error = None
         try:
             values = _checked_call(fn, completions, columns, timeout)
-        except _TimedOut:  # some answer is slow: score each alone so the others are kept
+        except _TimedOut as e:  # some answer is slow: score each alone so the others are kept
+            error = str(e)
             values = _one_by_one(fn, completions, columns, timeout) if len(completions) > 1 \
                 else [None] * len(completions)
         except TimeLimitExceeded as e:
             if e.limit.active:  # a time_limit around score() ran out: not this function's fault
                 raise
-            values = [None] * len(completions)
-        except Exception:  # noqa: BLE001 - user code; a failure must not kill the run
-            values = [None] * len(completions)
+            values, error = [None] * len(completions), f"{type(e).__name__}: {e}"
+        except Exception as e:  # noqa: BLE001 - user code; a failure must not kill the run
+            values, error = [None] * len(completions), f"{type(e).__name__}: {e}"
         for i, v in enumerate(values):
             ok = isinstance(v, (int, float)) and not isinstance(v, bool) and v == v  # not NaN
+            if not ok and errors is not None and reward_name(fn) not in errors:
+                errors[reward_name(fn)] = error or f"returned {v!r} for an answer (a number or None expected)"
             if not ok:
                 failures += v is not None or total[i] is not None
                 total[i] = None

@@ -44,11 +44,11 @@ from reval.distributed import LogProbModule, all_ranks_true, full_params, is_sha
 from reval.evaluate import evaluate
 from reval.logprobs import sequence_logprobs
 from reval.losses import ALGORITHMS
-from reval.metrics import MetricsLogger, read_metrics
-from reval.model import (add_lora, default_model_path, eos_token_ids, format_prompt, load_model,
+from reval.metrics import MetricsLogger, read_metrics, tracker_names
+from reval.model import (add_lora, auto_prompt, default_model_path, eos_token_ids, format_prompt, load_model,
                          prompts_too_long, resolve_template, use_chat_template)
 from reval.reference import RefCache, Reference
-from reval.rewards import resolve_rewards, score
+from reval.rewards import resolve_rewards, reward_name, score
 from reval.rollout import HFGenerator, to_experiences
 from reval.tasks import TASKS
 from reval.tasks.arithmetic import EVAL_SEED
@@ -274,6 +274,8 @@ def _datasets(cfg: TrainConfig, problems, eval_problems) -> tuple[list, dict[str
         task = TASKS[cfg.task.name]
         train_set = problems or task.split("train", cfg.task.num_train, seed=cfg.seed, digits=cfg.task.digits)
         n_eval = cfg.task.num_test if cfg.task.eval_split == "test" else cfg.task.num_validation
+        if eval_problems is not None and not eval_problems:  # [] : no evaluation
+            return train_set, {}
         evals = {cfg.task.eval_split: eval_problems or task.split(cfg.task.eval_split, n_eval, seed=EVAL_SEED,
                                                                   digits=cfg.task.digits)}  # fixed across seeds
         return train_set, evals
@@ -282,8 +284,8 @@ def _datasets(cfg: TrainConfig, problems, eval_problems) -> tuple[list, dict[str
     fields = {"preset": cfg.task.preset, "question_field": cfg.task.question_field,
               "answer_field": cfg.task.answer_field}
     train_set = problems or load_problems(cfg.task.data, **fields)
-    if eval_problems is not None:
-        return train_set, {"eval": eval_problems}
+    if eval_problems is not None:  # [] (the Python API without an eval_dataset): no evaluation
+        return train_set, {"eval": eval_problems} if eval_problems else {}
     evals = {}
     for source in cfg.task.eval_data:
         name = Path(source.split(":")[0]).stem
@@ -303,8 +305,12 @@ def _make_generator(cfg: TrainConfig, model, tokenizer, eos_ids, start_path):
 
 
 def train(cfg: TrainConfig, resume: bool = False, *, problems: list | None = None,
-          eval_problems: list | None = None, should_stop: Callable[[dict], bool] | None = None) -> dict:
+          eval_problems: list | None = None, should_stop: Callable[[dict], bool] | None = None,
+          reward_funcs: list | None = None) -> dict:
     """Run (or resume) training; returns the final evaluation and counters.
+
+    `reward_funcs` (callables, or names as in `task.rewards`) replaces `task.rewards`; the
+    Python API (`reval.ReValTrainer`) passes its callables here. Pass them again on resume.
 
     For studies that need other data than the task config describes (the benchmark's
     one-prompt setting): `problems` replaces the training split, `eval_problems` the
@@ -321,10 +327,11 @@ def train(cfg: TrainConfig, resume: bool = False, *, problems: list | None = Non
                              f"({accelerator.num_processes})")
     # one process per run directory: two would mix their metrics and checkpoints
     with RunLock(cfg.run_dir) if accelerator.is_main_process else contextlib.nullcontext():
-        return _train(cfg, accelerator, resume, problems, eval_problems, should_stop)
+        return _train(cfg, accelerator, resume, problems, eval_problems, should_stop, reward_funcs)
 
 
-def _train(cfg: TrainConfig, accelerator, resume: bool, problems, eval_problems, should_stop) -> dict:
+def _train(cfg: TrainConfig, accelerator, resume: bool, problems, eval_problems, should_stop,
+           reward_funcs) -> dict:
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     run_dir = cfg.run_dir
     ckpt, state = find_resumable(run_dir, rank, set_aside=main, log=_say if main else _quiet) \
@@ -346,8 +353,13 @@ def _train(cfg: TrainConfig, accelerator, resume: bool, problems, eval_problems,
         atomic_write_text(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
     algo = ALGORITHMS[cfg.algo]
 
+    tracker_names(cfg.report_to)  # a tracker asked for but not installed: said before the model loads
+
     # -- data, before any model is loaded (a bad row is refused in seconds) -----------------
     train_set, eval_sets = _datasets(cfg, problems, eval_problems)
+    if len(train_set) < cfg.rollout.prompts_per_round // world:
+        raise ValueError(f"the training data has {len(train_set)} problems, fewer than rollout.prompts_per_round "
+                         f"= {cfg.rollout.prompts_per_round} drawn each round; lower it or add data")
 
     # -- model, reference, optimizer ------------------------------------------------------
     torch.manual_seed(cfg.seed)
@@ -371,11 +383,15 @@ def _train(cfg: TrainConfig, accelerator, resume: bool, problems, eval_problems,
     rngs = {"prompts": random.Random(cfg.seed + 7919 * rank), "buffer": random.Random(cfg.seed + 1 + 7919 * rank)}
 
     # -- prompts, rewards -----------------------------------------------------------------
-    template = resolve_template(cfg.task.prompt if cfg.task.prompt != "auto"
-                                else "plain" if cfg.task.data is None else "paper")
     chat = use_chat_template(tokenizer, cfg.model.chat_template)
-    reward_names = cfg.task.rewards or (("arithmetic",) if cfg.task.data is None else ("math_verify",))
-    reward_fns = resolve_rewards(reward_names)
+    embedded = cfg.task.data is None and problems is None
+    prompt = cfg.task.prompt if cfg.task.prompt != "auto" else auto_prompt(chat, embedded=embedded)
+    template = resolve_template(prompt)
+    reward_fns = resolve_rewards(reward_funcs or cfg.task.rewards
+                                 or (("arithmetic",) if cfg.task.data is None else ("math_verify",)))
+    reward_names = [reward_name(fn) for fn in reward_fns]
+    reward_errors: dict[str, str] = {}  # the first failure of each reward function, shown once
+    no_signal_rounds = 0  # consecutive rounds in which every group's answers scored alike
     verifier = reward_fns[0]
     eos_ids = eos_token_ids(model, tokenizer)
     too_long = prompts_too_long(model, tokenizer, [p.question for p in train_set], cfg.max_new_tokens,
@@ -410,7 +426,7 @@ def _train(cfg: TrainConfig, accelerator, resume: bool, problems, eval_problems,
     if counters["sampler_version"] != counters["updates"] or cfg.rollout.backend == "vllm":
         generator.sync_weights(model)  # a resumed or fresh vLLM sampler starts from the policy
         counters["sampler_version"] = counters["updates"]
-    logger = MetricsLogger(run_dir) if main else None
+    logger = MetricsLogger(run_dir, cfg.report_to, cfg.to_dict()) if main else None
 
     def run_eval() -> dict:
         t0 = time.time()
@@ -468,11 +484,15 @@ def _train(cfg: TrainConfig, accelerator, resume: bool, problems, eval_problems,
             t_gen = time.time() - t_round
             # 3. rewards
             completions = tokenizer.batch_decode(samples.response_ids, skip_special_tokens=True)
-            columns = {"answer": [p.answer for p in problems for _ in range(G)],
-                       "question": [p.question for p in problems for _ in range(G)]}
+            columns = _reward_columns(problems, G)
+            seen = len(reward_errors)
             rewards, reward_failures = score(reward_fns, completions, columns,
                                              weights=cfg.task.reward_weights or None,
-                                             timeout=cfg.rollout.reward_timeout)
+                                             timeout=cfg.rollout.reward_timeout, errors=reward_errors)
+            if main:
+                for name, error in list(reward_errors.items())[seen:]:
+                    _say(f"round {rnd + 1}: reward function {name} failed on an answer: {error}\n  (shown once; "
+                         "such answers are skipped and counted in rollout/reward_failures)")
             # nothing scored, on any rank: a broken reward function or data, not bad luck
             unscored = all_ranks_true(accelerator, all(r is None for r in rewards))
             unscored_rounds = unscored_rounds + 1 if unscored else 0
@@ -553,6 +573,9 @@ def _train(cfg: TrainConfig, accelerator, resume: bool, problems, eval_problems,
                 rec["buffer/staleness_max"] = max(m["buffer/staleness_max"] for m in upd_metrics)
             if logger is not None:  # rank 0's rollout statistics stand for all ranks
                 logger.log(rec)
+            no_signal_rounds = no_signal_rounds + 1 if rec["rollout/groups_all_same"] == 1.0 else 0
+            if main and no_signal_rounds == NO_SIGNAL_ROUNDS:
+                _say(_no_signal_message(cfg, prompt, reward_names, rec, rnd))
             done = counters["round"] == cfg.rounds
             if eval_sets and (done or (cfg.eval.every and counters["round"] % cfg.eval.every == 0)):
                 last_eval = run_eval()
@@ -643,6 +666,32 @@ def _maybe_reset(reference, optimizer, cfg: TrainConfig, counters: dict, count: 
     if reference is not None and every and count % every == 0:
         reference.reset(optimizer)
         counters["ref_version"] += 1
+
+
+NO_SIGNAL_ROUNDS = 3  # rounds in a row without a learning signal before the run says so
+
+
+def _no_signal_message(cfg: TrainConfig, prompt: str, reward_names, rec: dict, rnd: int) -> str:
+    """Why a run has learnt nothing for `NO_SIGNAL_ROUNDS` rounds: every group scored alike."""
+    what = "every answer got reward 0" if rec["rollout/reward_mean"] == 0 else \
+        "the answers to each prompt all got the same reward"
+    return (f"\nWARNING: rounds {rnd + 2 - NO_SIGNAL_ROUNDS}-{rnd + 1}: {what}, so there is nothing to learn "
+            f"(mean reward {rec['rollout/reward_mean']:.2f}, {100 * rec['rollout/truncated_frac']:.0f}% of answers "
+            f"cut at max_new_tokens). Likely causes: the prompt (task.prompt = {prompt!r}) does not ask for "
+            f"what the reward ({', '.join(reward_names)}) reads; the reward function or the answer column does not "
+            f"match the data; or rollout.max_new_tokens = {cfg.max_new_tokens} cuts the answers short. Look at a "
+            "few completions with `reval eval --out` and check them by hand.\n")
+
+
+def _reward_columns(problems, G: int) -> dict[str, list]:
+    """What reward functions get besides the completions: `answer`, `question` and every other
+    column of the rows (None where a row lacks it), each repeated for the G answers."""
+    columns = {"answer": [p.answer for p in problems for _ in range(G)],
+               "question": [p.question for p in problems for _ in range(G)]}
+    extra = [getattr(p, "columns", None) or {} for p in problems]
+    for key in dict.fromkeys(k for row in extra for k in row):
+        columns[key] = [row.get(key) for row in extra for _ in range(G)]
+    return columns
 
 
 def _unscored_message(cfg: TrainConfig, reward_names, columns: dict, rounds: int, rnd: int, failures: int,

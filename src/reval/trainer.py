@@ -1,0 +1,141 @@
+"""The Python API, in the shape TRL users know:
+
+    from reval import ReValConfig, ReValTrainer
+
+    def short(completions, **kwargs):
+        return [1.0 if len(c) < 200 else 0.0 for c in completions]
+
+    trainer = ReValTrainer(model="Qwen/Qwen2.5-0.5B-Instruct", reward_funcs=[short, "math_verify"],
+                           train_dataset=dataset, args=ReValConfig(algo="reval", beta=0.02, output_dir="runs/a"))
+    trainer.train()
+
+A thin layer over `reval.train.train`, the loop the `reval train` command runs: the
+trainer only turns its arguments into a `TrainConfig`, problems and reward functions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any
+
+from reval.config import TrainConfig
+
+# TRL GRPOConfig names -> ours, so a TRL config's keywords carry over
+TRL_NAMES = {
+    "learning_rate": "optim.lr",
+    "num_generations": "rollout.samples_per_prompt",
+    "max_completion_length": "rollout.max_new_tokens",
+    "num_iterations": "buffer.updates_per_round",
+    "output_dir": "out",
+    "max_grad_norm": "optim.max_grad_norm",
+    "weight_decay": "optim.weight_decay",
+    "gradient_checkpointing": "model.gradient_checkpointing",
+    "reward_weights": "task.reward_weights",
+}
+
+
+class ReValConfig(TrainConfig):
+    """`TrainConfig` built from keywords: a dotted name ("loss.beta"), a field's own name when
+    only one section has it ("beta", "lr", "samples_per_prompt"), or a TRL `GRPOConfig` name
+    ("learning_rate", "num_generations", "output_dir", ...). `reval train --help` lists them all."""
+
+    def __init__(self, **kwargs: Any):
+        super().__init__()
+        for key, value in kwargs.items():
+            _set(self, config_key(key), value)
+
+
+def config_key(key: str) -> str:
+    """The dotted field name a `ReValConfig` keyword refers to; ValueError naming the choices."""
+    key = TRL_NAMES.get(key, key)
+    cfg = TrainConfig()
+    if "." in key or key in {f.name for f in dataclasses.fields(cfg)}:
+        return key
+    sections = [f.name for f in dataclasses.fields(cfg) if dataclasses.is_dataclass(getattr(cfg, f.name))]
+    found = [f"{s}.{key}" for s in sections if key in {f.name for f in dataclasses.fields(getattr(cfg, s))}]
+    if len(found) == 1:
+        return found[0]
+    if found:
+        raise ValueError(f"ReValConfig: {key!r} is ambiguous; write one of {', '.join(found)}")
+    raise ValueError(f"ReValConfig: unknown setting {key!r}; see `reval train --help` for the names "
+                     "(dotted like loss.beta, or a field's own name like beta)")
+
+
+def _set(cfg: TrainConfig, dotted: str, value: Any) -> None:
+    *parents, name = dotted.split(".")
+    target = cfg
+    for part in parents:
+        target = getattr(target, part, None)
+        if target is None or not dataclasses.is_dataclass(target):
+            raise ValueError(f"ReValConfig: unknown setting {dotted!r}")
+    if name not in {f.name for f in dataclasses.fields(target)}:
+        raise ValueError(f"ReValConfig: unknown setting {dotted!r}")
+    if name == "out" and value is not None:
+        value = Path(value)
+    elif isinstance(value, list):
+        value = tuple(value)
+    setattr(target, name, value)
+
+
+class ReValTrainer:
+    """Train a model with ReVal (or `args.algo`: TBRM, GRPO) on a dataset with reward functions.
+
+    - `model`: a directory or hub id, or a `PreTrainedModel` (with its tokenizer as
+      `processing_class`; both are saved to `<output_dir>/start-model` so the run can resume).
+      None: the shipped warm start of the embedded task.
+    - `reward_funcs`: callables with TRL's signature, `f(completions, **columns) -> list[float |
+      None]`, or names (`reval.rewards.REWARDS`, "module:function", "file.py:function"). Every
+      column of the dataset reaches them as a keyword argument (`answer` is the final answer
+      the preset extracts; the rest as they are in the rows).
+    - `train_dataset` / `eval_dataset`: a `datasets.Dataset`, a list of dicts, or a path or hub
+      id (read with `args.task.preset` and its field names). None: the embedded task.
+    """
+
+    def __init__(self, model=None, reward_funcs=None, train_dataset=None, eval_dataset=None,
+                 args: TrainConfig | None = None, processing_class=None):
+        self.args = args if args is not None else ReValConfig()
+        self.reward_funcs = list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) else \
+            [reward_funcs] if reward_funcs is not None else None
+        if self.reward_funcs is not None:
+            from reval.rewards import resolve_rewards
+
+            self.reward_funcs = resolve_rewards(self.reward_funcs)  # unknown names fail here, at once
+        self._model = None
+        if isinstance(model, (str, os.PathLike)):
+            self.args.model.path = str(model)
+        elif model is not None:
+            if processing_class is None:
+                raise ValueError("ReValTrainer: pass the model's tokenizer as processing_class= when model "
+                                 "is a PreTrainedModel (or pass the model's directory instead)")
+            self._model = (model, processing_class)
+        self.train_problems = self._problems(train_dataset, "train")
+        self.eval_problems = self._problems(eval_dataset, "test")
+        if self.train_problems is not None and self.eval_problems is None:
+            self.eval_problems = []  # no evaluation rather than the embedded task's
+        self.args.validate()
+
+    def _problems(self, dataset, split: str):
+        if dataset is None:
+            return None
+        from reval.data import load_problems
+
+        task = self.args.task
+        return load_problems(dataset, preset=task.preset, question_field=task.question_field,
+                             answer_field=task.answer_field, split=split)
+
+    def train(self, resume_from_checkpoint: bool = False) -> dict:
+        """Run (or, with `resume_from_checkpoint=True`, continue) the training in `args.out`;
+        returns the final evaluation and counters."""
+        from reval.train import train
+
+        if self._model is not None:
+            start = self.args.run_dir / "start-model"
+            if not (start / "config.json").exists():
+                model, tokenizer = self._model
+                model.save_pretrained(start)
+                tokenizer.save_pretrained(start)
+            self.args.model.path = str(start)
+        return train(self.args, resume=resume_from_checkpoint, problems=self.train_problems,
+                     eval_problems=self.eval_problems, reward_funcs=self.reward_funcs)
