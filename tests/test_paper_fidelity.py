@@ -196,7 +196,7 @@ def test_grpo_with_a_stale_sampler_is_corrected(tmp_path):
 
 
 def test_reset_unit_is_validated_and_old_runs_keep_their_meaning():
-    with pytest.raises(ValueError, match="ref_reset_unit = 'round' is invalid"):
+    with pytest.raises(ValueError, match=r"loss.ref_reset_unit must be one of \('rounds', 'updates'\), got 'round'"):
         TrainConfig.from_dict({"loss": {"ref_reset_unit": "round"}}).validate()
     # a run directory written before the unit existed: its resets counted updates, its tbrm replayed
     old = TrainConfig.from_saved({"algo": "tbrm", "loss": {"ref_reset_every": 3}})
