@@ -69,7 +69,8 @@ def test_trainer_takes_a_dataset_a_path_a_model_object_and_registry_names(tmp_pa
         out = tmp_path / f"run{i}"
         trainer = ReValTrainer(model=model if i == 0 else None, processing_class=tok, reward_funcs=["arithmetic"],
                                train_dataset=data, eval_dataset=_rows(8), args=ReValConfig(output_dir=out, **SMALL))
-        assert len(trainer.train_problems) == 32 and trainer.train_problems[0].columns == {"solution": _rows()[0]["solution"]}
+        assert len(trainer.train_problems) == 32
+        assert trainer.train_problems[0].columns == {"solution": _rows()[0]["solution"]}
         result = trainer.train()
         assert "eval/accuracy" in result
     assert (tmp_path / "run0" / "start-model" / "config.json").exists()  # the model object, saved for resume
@@ -221,6 +222,59 @@ def test_report_to_sends_metrics_to_accelerate_trackers(tmp_path, monkeypatch):
     assert logged[0] == ("init", "tensorboard", str(tmp_path / "run")) and logged[1] == ("config", 0.05)
     assert [x[1] for x in logged if x[0] == "log"] == [16, 32] and logged[-1] == ("finish",)
     with pytest.raises(ValueError, match=r'report_to wandb: wandb is not installed; pip install -e "\.\[wandb\]"'):
-        ReValTrainer(train_dataset=_rows(), args=ReValConfig(output_dir=tmp_path / "w", **{**SMALL, "report_to": "wandb"})).train()
+        ReValTrainer(train_dataset=_rows(),
+                     args=ReValConfig(output_dir=tmp_path / "w", **{**SMALL, "report_to": "wandb"})).train()
     with pytest.raises(ValueError, match="report_to = 'comet' is invalid"):
         ReValConfig(report_to="comet").validate()
+
+
+# -- resuming what was given from Python, and what a run directory may not switch on ----------------
+
+def test_resume_without_the_python_inputs_is_refused(tmp_path):
+    from reval.cli import main
+
+    def solution_reward(completions, solution, **_):
+        return [1.0 if f"{{{s}}}" in c else 0.0 for c, s in zip(completions, solution)]
+
+    out = tmp_path / "run"
+    args = ReValConfig(output_dir=out, reward_weights=[1.0], checkpoint_every=1, **SMALL)  # weights: one per func
+    trainer = ReValTrainer(reward_funcs=[solution_reward], train_dataset=_rows(), eval_dataset=_rows(8), args=args)
+    result = trainer.train()
+    assert result["eval/accuracy"] > 0  # the verifier got the eval rows' solution column too
+    with pytest.raises(ValueError, match="differ now .*problems: the run had 32 problems"):
+        ReValTrainer(reward_funcs=[solution_reward], train_dataset=_rows(16),
+                     args=ReValConfig(output_dir=out, reward_weights=[1.0], **{**SMALL, "rounds": 3})
+                     ).train(resume_from_checkpoint=True)
+    with pytest.raises(SystemExit, match="name it again to confirm you trust it"):
+        main(["train", "--resume", str(out), "--rounds", "3"])
+    args = ReValConfig(output_dir=out, reward_weights=[1.0], **{**SMALL, "rounds": 3})
+    assert ReValTrainer(reward_funcs=[solution_reward], train_dataset=_rows(), eval_dataset=_rows(8),
+                        args=args).train(resume_from_checkpoint=True)["round"] == 3
+
+
+def test_a_saved_trust_remote_code_is_not_honoured_on_resume(tiny_dir, tmp_path, monkeypatch):
+    import reval.train as train_mod
+    from reval.cli import main
+
+    out = tmp_path / "run"
+    main(["train", "--model.path", str(tiny_dir), "--rounds", "1", "--rollout.prompts-per-round", "4",
+          "--rollout.samples-per-prompt", "4", "--buffer.capacity", "32", "--no-progress", "--out", str(out)])
+    config = json.loads((out / "config.json").read_text())
+    config["model"]["trust_remote_code"] = True  # someone edits the shared run directory
+    (out / "config.json").write_text(json.dumps(config))
+    seen = []
+    real = train_mod.train
+    monkeypatch.setattr(train_mod, "train", lambda cfg, **kw: seen.append(cfg.model.trust_remote_code) or real(cfg, **kw))
+    main(["train", "--resume", str(out), "--rounds", "2"])
+    assert seen == [False]
+    assert json.loads((out / "config.json").read_text())["model"]["trust_remote_code"] is False
+
+
+def test_one_answer_per_prompt_warns_only_when_every_answer_scores_alike(tmp_path, capsys):
+    G1 = {**SMALL, "rounds": 3, "num_generations": 1, "prompts_per_round": 16}
+    ReValTrainer(reward_funcs=lambda completions, **_: [float(i % 2) for i in range(len(completions))],
+                 train_dataset=_rows(), args=ReValConfig(output_dir=tmp_path / "a", **G1)).train()
+    assert "WARNING" not in capsys.readouterr().err
+    ReValTrainer(reward_funcs=lambda completions, **_: [0.0] * len(completions),
+                 train_dataset=_rows(), args=ReValConfig(output_dir=tmp_path / "b", **G1)).train()
+    assert "WARNING: rounds 1-3: every answer got reward 0" in capsys.readouterr().err

@@ -178,6 +178,30 @@ def test_damaged_latest_checkpoint_falls_back_and_resumes_exactly(case, runs, ti
     assert [p.name for p in list_checkpoints(run)] == ["round-000003", "round-000004"]
 
 
+def _manifest_names(ckpt: Path, name: str) -> None:
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    manifest["files"][name] = {"size": 1, "sha256": "0" * 64}
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("name", ["/etc/hostname", "../../../config.json", "model/../../round-000002/state.json"])
+def test_a_manifest_naming_files_outside_the_checkpoint_is_refused(runs, tmp_path, name):
+    run = _copy(runs, tmp_path)
+    ckpt = run / "checkpoints" / "round-000003"
+    _manifest_names(ckpt, name)
+    with pytest.raises(CheckpointError, match="which is not inside the checkpoint"):
+        verify_checkpoint(ckpt)
+
+
+def test_a_checkpoint_set_aside_mid_replace_is_put_back(runs, tmp_path):
+    run = _copy(runs, tmp_path)
+    root = run / "checkpoints"
+    os.replace(root / "round-000003", root / ".old-round-000003-4242")  # killed between the two renames
+    ckpt, state = find_resumable(run)
+    assert ckpt.name == "round-000003" and state["counters"]["round"] == 3
+    assert not (root / ".old-round-000003-4242").exists()
+
+
 def test_no_verifiable_checkpoint_is_a_clear_error(runs, tmp_path):
     run = _copy(runs, tmp_path)
     for ckpt in list_checkpoints(run):

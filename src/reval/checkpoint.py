@@ -275,11 +275,19 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 # ---------------------------------------------------------------------------------------
 # verifying and reading
 
-def verify_checkpoint(ckpt: Path, rank: int = 0) -> dict:
+def verify_checkpoint(ckpt: Path, rank: int = 0, hashes: bool = True) -> dict:
     """The state of checkpoint `ckpt` for `rank` (shared part merged with the rank's shard),
-    after checking it against its manifest and that every part a resume needs is present
-    and consistent. Raises `CheckpointError` saying what is wrong otherwise."""
-    ckpt = Path(ckpt)
+    after checking it against its manifest (sizes, and SHA-256 with `hashes`) and that every
+    part a resume needs is present and consistent. Raises `CheckpointError` saying what is
+    wrong otherwise. A rank past the run's world size gets the shared part only (the caller
+    then says the number of processes differs)."""
+    try:
+        return _verify(Path(ckpt), rank, hashes)
+    except OSError as e:  # a file vanished or is unreadable between the checks
+        raise CheckpointError(f"cannot read {e.filename or ckpt}: {e.strerror or e}") from None
+
+
+def _verify(ckpt: Path, rank: int, hashes: bool) -> dict:
     if not (ckpt / MANIFEST).exists():
         if (ckpt / "state.pt").exists() and not (ckpt / "state.json").exists():
             return _legacy_state(ckpt, rank)
@@ -289,13 +297,16 @@ def verify_checkpoint(ckpt: Path, rank: int = 0) -> dict:
         listed = {str(name): (int(meta["size"]), str(meta["sha256"])) for name, meta in files.items()}
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise CheckpointError(f"{MANIFEST} is unreadable ({type(e).__name__}: {e})") from None
+    root = ckpt.resolve()
     for name, (size, digest) in listed.items():
         path = ckpt / name
-        if ".." in Path(name).parts or not path.is_file():
+        if Path(name).is_absolute() or root not in path.resolve().parents:
+            raise CheckpointError(f"{MANIFEST} names {name!r}, which is not inside the checkpoint")
+        if not path.is_file():
             raise CheckpointError(f"{name} is missing")
         if path.stat().st_size != size:
             raise CheckpointError(f"{name} is {path.stat().st_size} bytes, the manifest says {size} (truncated?)")
-        if sha256(path) != digest:
+        if hashes and sha256(path) != digest:
             raise CheckpointError(f"{name} does not match its SHA-256 in the manifest (the file is damaged)")
 
     def require(what: str, *names: str) -> None:
@@ -310,6 +321,8 @@ def verify_checkpoint(ckpt: Path, rank: int = 0) -> dict:
     state = load_state(ckpt, "state")
     _check_shared(ckpt, state)
     world = state["world_size"]
+    if rank >= world:
+        return state
     if world > 1:
         for r in range(world):
             require(f"rank {r}'s shard (its buffer, optimizer and RNG state)", f"rank-{r}.json")
@@ -383,6 +396,8 @@ def _legacy_state(ckpt: Path, rank: int) -> dict:
     if not isinstance(state, dict):
         raise CheckpointError("state.pt does not hold a training state")
     _check_shared(ckpt, state)
+    if rank >= state["world_size"]:
+        return state
     if state["world_size"] > 1:
         state.update(load(f"rank-{rank}.pt"))
     if state["counters"].get("ref_version", 0) > 0 and not (ckpt / "reference").is_dir():
@@ -399,6 +414,8 @@ def find_resumable(run_dir: Path, rank: int = 0, *, set_aside: bool = True,
     renamed to `damaged-round-*` (kept for inspection, never resumed). Returns (None, None)
     when the run has no checkpoint; raises `CheckpointError` when it has some and none verifies.
     """
+    if set_aside:
+        _recover_interrupted_replace(run_dir)
     found = list_checkpoints(run_dir)
     problems = []
     for ckpt in reversed(found):
@@ -419,6 +436,18 @@ def find_resumable(run_dir: Path, rank: int = 0, *, set_aside: bool = True,
         f"no checkpoint in {Path(run_dir) / 'checkpoints'} can be resumed from:\n  " + "\n  ".join(problems)
         + f"\nStart the run again in a new directory (reval train --config {Path(run_dir) / 'config.json'} "
           "--out NEW_DIR), or delete the checkpoints and metrics.jsonl of this one.")
+
+
+def _recover_interrupted_replace(run_dir: Path) -> None:
+    """A kill while a round's checkpoint was saved a second time (Ctrl-C after a save) can leave
+    the old copy as `.old-round-*` with no `round-*`: put it back; otherwise delete it."""
+    root = Path(run_dir) / "checkpoints"
+    for old in root.glob(f".old-{PREFIX}*") if root.is_dir() else ():
+        final = root / old.name[len(".old-"):].rsplit("-", 1)[0]
+        if final.exists():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(old, final)
 
 
 def _set_aside(ckpt: Path) -> Path:

@@ -100,6 +100,7 @@ def _train(argv: list[str]) -> None:
             raise ValueError(f"--resume {run_dir}: no config.json there; is it a run directory?")
         base = TrainConfig.from_saved(_read_config(run_dir / "config.json"))
         base.out, resume = run_dir, True
+        base.model.trust_remote_code = False  # a run directory alone never runs code: only the flag does
     if config_path:
         config_path = _preset_or_path(config_path)
         base = TrainConfig.from_dict(_read_config(config_path))
@@ -184,7 +185,7 @@ def _eval(argv: list[str]) -> None:
         raise ValueError(f"--limit-mode {args.limit_mode!r}: choose random or first")
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit {args.limit}: a positive number of problems (or leave it out for all)")
-    from reval.data import EVAL_FIX, PRESETS, load_problems
+    from reval.data import EVAL_FIX, PRESETS, extra_columns, load_problems
 
     if args.preset not in PRESETS:
         raise ValueError(f"--preset {args.preset!r}: choose one of {', '.join(sorted(PRESETS))}")
@@ -217,7 +218,7 @@ def _eval(argv: list[str]) -> None:
 
         generator = VLLMGenerator(str(model_path), tokenizer, dtype=args.dtype,
                                   eos_token_ids=eos_token_ids(model, tokenizer))
-    results = {}
+    results, errors = {}, {}
     for name, (source, problems) in benchmarks.items():
         too_long = prompts_too_long(model, tokenizer, [p.question for p in problems], args.max_new_tokens,
                                     template, chat)
@@ -237,7 +238,12 @@ def _eval(argv: list[str]) -> None:
                        samples=args.samples, greedy=args.greedy, max_new_tokens=args.max_new_tokens,
                        temperature=args.temperature, top_p=args.top_p, template=template, chat=chat,
                        verifier=verifier, eos_token_ids=eos_token_ids(model, tokenizer),
-                       generator=generator, keep_items=True, progress=name)
+                       generator=generator, keep_items=True, progress=name, columns=extra_columns(problems),
+                       errors=errors)
+        for fn_name, error in errors.items():
+            print(f"{name}: reward function {fn_name} failed on an answer: {error} (such answers count as "
+                  "wrong)", file=sys.stderr)
+        errors.clear()
         results[name] = {**res, "n": len(problems)}
     _print_eval_table(results)
     summary = {k: {m: v for m, v in r.items() if m != "items"} for k, r in results.items()}

@@ -352,7 +352,8 @@ class TrainConfig:
         timeout knobs that do not change the maths may change on resume; anything else
         would silently mix two different experiments.
         """
-        mutable = ("rounds", "out", "progress", "report_to", "checkpoint_every", "keep_checkpoints", "eval.",
+        mutable = ("rounds", "out", "progress", "report_to", "model.trust_remote_code",
+                   "checkpoint_every", "keep_checkpoints", "eval.",
                    "optim.micro_batch_size", "model.logprob_chunk", "model.shared_prefix", "loss.ref_cache",
                    "rollout.reward_timeout", "rollout.max_unscored_rounds",
                    "model.gradient_checkpointing", "model.attn_implementation", "task.eval_data",
@@ -384,6 +385,9 @@ class TrainConfig:
             loss["ref_reset_unit"] = "updates"
             if d.get("algo") == "tbrm":
                 d["algo"] = "tbrm_replay"
+        task = d.setdefault("task", {})
+        if "report_to" not in d and task.get("data") and task.get("prompt", "auto") == "auto":
+            task["prompt"] = "paper"  # before prompt auto followed the chat template, data meant paper
         return cls.from_dict(d)
 
 

@@ -202,6 +202,12 @@ Row = tuple[str, "dict[str, Any] | str"]
 LIMIT_MODES = ("random", "first")
 
 
+def extra_columns(problems) -> dict[str, list]:
+    """The rows' columns other than question and answer, one value per problem (None if absent)."""
+    extra = [getattr(p, "columns", None) or {} for p in problems]
+    return {key: [row.get(key) for row in extra] for key in dict.fromkeys(k for row in extra for k in row)}
+
+
 def load_problems(source: Any, *, preset: str = "qa", question_field: str | None = None,
                   answer_field: str | None = None, split: str = "train", limit: int | None = None,
                   limit_mode: str = "random", limit_seed: int = 0,

@@ -23,12 +23,15 @@ def evaluate(model, tokenizer, questions: Sequence[str], answers: Sequence[str],
              batch_size: int = 256, keep_items: bool = False, greedy: bool = True,
              verifier: RewardFn = correctness_reward, generator=None,
              eos_token_ids: list[int] | None = None, timeout: float | None = 30.0,
-             progress: str | None = None) -> dict:
+             progress: str | None = None, columns: dict[str, list] | None = None,
+             errors: dict[str, str] | None = None) -> dict:
     """Greedy accuracy over all questions, plus `mean@k` over `samples` sampled answers.
 
     An answer is correct when `verifier` (a reward function) gives it 1. `generator` is a
     rollout backend (HF or vLLM); None samples from `model` with HF `generate`. `progress`:
-    show a progress bar (problems done) with this label.
+    show a progress bar (problems done) with this label. `columns`: more per-question values
+    the verifier gets as keyword arguments (with `question` and `answer`), as in training;
+    `errors` receives its first failure (see `reval.rewards.score`).
     Returns `{"accuracy" (if greedy), "mean@k" (if samples), "items" (if keep_items)}`,
     each a fraction in [0, 1].
     """
@@ -41,9 +44,13 @@ def evaluate(model, tokenizer, questions: Sequence[str], answers: Sequence[str],
         return generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
                         eos_token_ids=eos_token_ids, **kw)
 
-    def correct(responses, refs) -> tuple[list[str], list[bool]]:
+    def correct(responses, chunk: slice, k: int) -> tuple[list[str], list[bool]]:
+        """Score the k answers to each question of `chunk`."""
         texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
-        rewards, _ = score([verifier], texts, {"answer": list(refs)}, timeout=timeout)
+        cols = {"answer": answers[chunk], "question": questions[chunk],
+                **{name: values[chunk] for name, values in (columns or {}).items()}}
+        cols = {name: [v for v in values for _ in range(k)] for name, values in cols.items()}
+        rewards, _ = score([verifier], texts, cols, timeout=timeout, errors=errors)
         return texts, [r is not None and r >= 1.0 for r in rewards]
 
     prompts = [format_prompt(tokenizer, q, template, chat) for q in questions]
@@ -53,14 +60,14 @@ def evaluate(model, tokenizer, questions: Sequence[str], answers: Sequence[str],
         chunk = slice(start, start + batch_size)
         refs = answers[chunk]
         if greedy:
-            texts, ok = correct(sample(prompts[chunk], greedy=True).response_ids, refs)
+            texts, ok = correct(sample(prompts[chunk], greedy=True).response_ids, chunk, 1)
             n_greedy += sum(ok)
             if keep_items:
                 items += [{"question": q, "answer": a, "completion": t, "extracted": extract_answer(t),
                            "correct": c} for q, a, t, c in zip(questions[chunk], refs, texts, ok)]
         if samples:
             out = sample(prompts[chunk], samples_per_prompt=samples, temperature=temperature, top_p=top_p)
-            n_sampled += sum(correct(out.response_ids, [a for a in refs for _ in range(samples)])[1])
+            n_sampled += sum(correct(out.response_ids, chunk, samples)[1])
         bar.update(len(refs))
     bar.close()
     n = max(len(prompts), 1)

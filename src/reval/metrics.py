@@ -61,7 +61,8 @@ def start_trackers(report_to: str, run_dir: Path, config: dict) -> list:
             tracker = cls(experiment_name=run_dir.name, logging_dir=str(run_dir / "mlruns"))
         else:  # wandb: one project per run directory name
             tracker = cls(run_dir.name)
-        tracker.start()
+        if hasattr(tracker, "start"):  # accelerate >= 1.8 starts trackers lazily
+            tracker.start()
         tracker.store_init_configuration(_flat(config))
         trackers.append(tracker)
     return trackers

@@ -259,10 +259,11 @@ def score(reward_fns: Sequence[RewardFn], completions: list[str], columns: dict[
     answer alone, each under `timeout`, so a slow answer loses only itself and every answer
     that finishes keeps its reward. The retry costs up to `timeout` more than the answers
     themselves take; after `TIMEOUTS_IN_A_ROW` (8) answers in a row time out, the rest are
-    given None untried, so a function that hangs on every answer costs `timeout` x 9. On the main thread (POSIX) each call runs under `time_limit(timeout)`, which
-    interrupts it; elsewhere it runs in a daemon thread that is abandoned on timeout
-    (Python cannot kill a thread, so a function that can hang for ever keeps running
-    there: it should enforce its own limit too).
+    given None untried, so a function that hangs on every answer costs `timeout` x 9. On
+    the main thread (POSIX) each call runs under `time_limit(timeout)`, which interrupts it;
+    elsewhere it runs in a daemon thread that is abandoned on timeout (Python cannot kill a
+    thread, so a function that can hang for ever keeps running there: it should enforce its
+    own limit too).
 
     `errors`, if given, receives for each function that failed the first failure, by name
     (`reward_name`): the exception, the timeout, or the value it returned.
@@ -287,7 +288,9 @@ def score(reward_fns: Sequence[RewardFn], completions: list[str], columns: dict[
         for i, v in enumerate(values):
             ok = isinstance(v, (int, float)) and not isinstance(v, bool) and v == v  # not NaN
             if not ok and errors is not None and reward_name(fn) not in errors:
-                errors[reward_name(fn)] = error or f"returned {v!r} for an answer (a number or None expected)"
+                errors[reward_name(fn)] = error or (
+                    "returned None for an answer (cannot score it: skipped)" if v is None
+                    else f"returned {v!r} for an answer (a number or None expected)")
             if not ok:
                 failures += v is not None or total[i] is not None
                 total[i] = None

@@ -37,9 +37,10 @@ import torch
 from tqdm import tqdm
 
 from reval.buffer import Batch, ReplayBuffer, collate
-from reval.checkpoint import (RunLock, atomic_write_text, clear_staging, find_resumable, latest_checkpoint, rng_state,
-                              save_checkpoint, set_rng_state)
+from reval.checkpoint import (CheckpointError, RunLock, atomic_write_text, clear_staging, find_resumable,
+                              latest_checkpoint, rng_state, save_checkpoint, set_rng_state, verify_checkpoint)
 from reval.config import TrainConfig
+from reval.data import extra_columns
 from reval.distributed import LogProbModule, all_ranks_true, full_params, is_sharded, make_accelerator
 from reval.evaluate import evaluate
 from reval.logprobs import sequence_logprobs
@@ -130,6 +131,8 @@ def update(policy, reference, optimizer, batch: Batch, cfg: TrainConfig,
         # past UNDO_MAX_PARAMS a bad step stops the run instead (resume from a checkpoint).
         check = accelerator is None or accelerator.distributed_type != "DEEPSPEED"
         undo = check and sum(p.numel() for p in params) <= UNDO_MAX_PARAMS
+        if check and accelerator is not None:
+            undo = all_ranks_true(accelerator, undo)  # shards differ in size: every rank decides alike
         saved = _snapshot(params, optimizer) if undo else None
         optimizer.step()
         if check:
@@ -334,9 +337,7 @@ def _train(cfg: TrainConfig, accelerator, resume: bool, problems, eval_problems,
            reward_funcs) -> dict:
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     run_dir = cfg.run_dir
-    ckpt, state = find_resumable(run_dir, rank, set_aside=main, log=_say if main else _quiet) \
-        if resume else (None, None)
-    accelerator.wait_for_everyone()  # every rank has chosen its checkpoint before any goes on
+    ckpt, state = _choose_checkpoint(run_dir, accelerator) if resume else (None, None)
     if state is not None:
         cfg.check_resumable_from(TrainConfig.from_saved(state["config"]))
         if state["world_size"] != world:
@@ -357,6 +358,9 @@ def _train(cfg: TrainConfig, accelerator, resume: bool, problems, eval_problems,
 
     # -- data, before any model is loaded (a bad row is refused in seconds) -----------------
     train_set, eval_sets = _datasets(cfg, problems, eval_problems)
+    inputs = _inputs(problems, reward_funcs)
+    if state is not None and state.get("inputs", inputs) != inputs:
+        raise ValueError(_inputs_message(state["inputs"], inputs))
     if len(train_set) < cfg.rollout.prompts_per_round // world:
         raise ValueError(f"the training data has {len(train_set)} problems, fewer than rollout.prompts_per_round "
                          f"= {cfg.rollout.prompts_per_round} drawn each round; lower it or add data")
@@ -391,7 +395,6 @@ def _train(cfg: TrainConfig, accelerator, resume: bool, problems, eval_problems,
                                  or (("arithmetic",) if cfg.task.data is None else ("math_verify",)))
     reward_names = [reward_name(fn) for fn in reward_fns]
     reward_errors: dict[str, str] = {}  # the first failure of each reward function, shown once
-    no_signal_rounds = 0  # consecutive rounds in which every group's answers scored alike
     verifier = reward_fns[0]
     eos_ids = eos_token_ids(model, tokenizer)
     too_long = prompts_too_long(model, tokenizer, [p.question for p in train_set], cfg.max_new_tokens,
@@ -410,8 +413,9 @@ def _train(cfg: TrainConfig, accelerator, resume: bool, problems, eval_problems,
 
     counters = {"round": 0, "updates": 0, "samples": 0, "seconds": 0.0, "ref_version": 0,
                 "sampler_version": 0}
-    bad_updates = 0  # consecutive skipped updates
-    unscored_rounds = 0  # consecutive rounds in which no answer got a reward
+    # consecutive skipped updates, rounds without a scored answer, rounds without a learning
+    # signal: checkpointed, so a resumed run stops or warns where the uninterrupted one would
+    streaks = {"bad_updates": 0, "unscored_rounds": 0, "no_signal_rounds": 0}
     logger_start = True
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
@@ -420,6 +424,7 @@ def _train(cfg: TrainConfig, accelerator, resume: bool, problems, eval_problems,
             ref_cache.load_state_dict(state["ref_cache"])
         set_rng_state(state["rng"], rngs)
         counters = {"sampler_version": state["counters"]["updates"], **state["counters"]}
+        streaks.update(state.get("streaks", {}))
         if main:
             _truncate_metrics(run_dir / "metrics.jsonl", counters["round"])
         logger_start = False
@@ -432,6 +437,7 @@ def _train(cfg: TrainConfig, accelerator, resume: bool, problems, eval_problems,
         t0 = time.time()
         rec = {"round": counters["round"], "samples": counters["samples"], "seconds": counters["seconds"]}
         results = {}
+        seen = len(reward_errors)
         with full_params(accelerator, policy):
             for name, problems_ in eval_sets.items():  # every rank evaluates; rank 0 logs
                 results[name] = evaluate(
@@ -439,7 +445,12 @@ def _train(cfg: TrainConfig, accelerator, resume: bool, problems, eval_problems,
                     samples=cfg.eval.samples, max_new_tokens=cfg.max_new_tokens,
                     temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, template=template,
                     chat=chat, verifier=verifier, eos_token_ids=eos_ids,
-                    generator=generator if cfg.rollout.backend == "vllm" else None)
+                    generator=generator if cfg.rollout.backend == "vllm" else None,
+                    columns=extra_columns(problems_), errors=reward_errors)
+        if main:
+            for fn_name, error in list(reward_errors.items())[seen:]:
+                _say(f"evaluation: reward function {fn_name} failed on an answer: {error}\n  (shown once; "
+                     "such answers count as wrong)")
         if cfg.task.data is None:  # the embedded task: eval/accuracy, eval/mean@k
             rec.update({f"eval/{k}": v for k, v in next(iter(results.values())).items()})
         elif results:  # benchmarks: eval/<name>/<metric> and their average, as the paper reports
@@ -457,7 +468,8 @@ def _train(cfg: TrainConfig, accelerator, resume: bool, problems, eval_problems,
                     "rng": rng_state(rngs)}
         if ref_cache is not None:  # saved, so a resumed run uses the very same numbers
             per_rank["ref_cache"] = ref_cache.state_dict()
-        _checkpoint(accelerator, policy, run_dir, cfg, model, tokenizer, reference, per_rank, counters)
+        _checkpoint(accelerator, policy, run_dir, cfg, model, tokenizer, reference, per_rank, counters,
+                    {"streaks": dict(streaks), "inputs": inputs})
 
     last_eval = run_eval() if logger_start and eval_sets else {}
     bar = tqdm(total=cfg.rounds, initial=counters["round"], desc=f"{cfg.algo}",
@@ -495,9 +507,9 @@ def _train(cfg: TrainConfig, accelerator, resume: bool, problems, eval_problems,
                          "such answers are skipped and counted in rollout/reward_failures)")
             # nothing scored, on any rank: a broken reward function or data, not bad luck
             unscored = all_ranks_true(accelerator, all(r is None for r in rewards))
-            unscored_rounds = unscored_rounds + 1 if unscored else 0
-            if unscored_rounds >= cfg.rollout.max_unscored_rounds:
-                raise ValueError(_unscored_message(cfg, reward_names, columns, unscored_rounds, rnd,
+            streaks["unscored_rounds"] = streaks["unscored_rounds"] + 1 if unscored else 0
+            if streaks["unscored_rounds"] >= cfg.rollout.max_unscored_rounds:
+                raise ValueError(_unscored_message(cfg, reward_names, columns, streaks["unscored_rounds"], rnd,
                                                    reward_failures, len(rewards)))
             for i, trunc in enumerate(samples.truncated):
                 if trunc and rewards[i] is not None:
@@ -530,7 +542,7 @@ def _train(cfg: TrainConfig, accelerator, resume: bool, problems, eval_problems,
                     continue  # every answer was dropped (e.g. all truncated): nothing to learn
                 m = update(policy, reference, optimizer, batch, cfg, old_logp, accelerator, ref_cache,
                            counters["ref_version"], sampler_logp)
-                bad_updates = bad_updates + 1 if m["perf/skipped"] else 0
+                streaks["bad_updates"] = bad_updates = streaks["bad_updates"] + 1 if m["perf/skipped"] else 0
                 if bad_updates >= cfg.optim.max_bad_updates:
                     last = latest_checkpoint(run_dir)
                     raise FloatingPointError(
@@ -573,8 +585,10 @@ def _train(cfg: TrainConfig, accelerator, resume: bool, problems, eval_problems,
                 rec["buffer/staleness_max"] = max(m["buffer/staleness_max"] for m in upd_metrics)
             if logger is not None:  # rank 0's rollout statistics stand for all ranks
                 logger.log(rec)
-            no_signal_rounds = no_signal_rounds + 1 if rec["rollout/groups_all_same"] == 1.0 else 0
-            if main and no_signal_rounds == NO_SIGNAL_ROUNDS:
+            # no signal: every group's answers alike (with one answer per prompt: every answer alike)
+            flat = rec["rollout/groups_all_same"] == 1.0 if G > 1 else len({x for x in rewards if x is not None}) <= 1
+            streaks["no_signal_rounds"] = streaks["no_signal_rounds"] + 1 if flat else 0
+            if main and streaks["no_signal_rounds"] == NO_SIGNAL_ROUNDS:
                 _say(_no_signal_message(cfg, prompt, reward_names, rec, rnd))
             done = counters["round"] == cfg.rounds
             if eval_sets and (done or (cfg.eval.every and counters["round"] % cfg.eval.every == 0)):
@@ -630,11 +644,13 @@ class _DeferredInterrupt:
         return False
 
 
-def _checkpoint(accelerator, policy, run_dir, cfg, model, tokenizer, reference, per_rank: dict, counters):
+def _checkpoint(accelerator, policy, run_dir, cfg, model, tokenizer, reference, per_rank: dict, counters,
+                extra: dict):
     """Write a checkpoint. With N processes, rank 0 writes the model and shared state and
     every rank adds its own shard (`per_rank`: buffer, reference cache, RNG, optimizer state)
     to the same staging dir."""
-    shared = {"counters": dict(counters), "config": cfg.to_dict(), "world_size": accelerator.num_processes}
+    shared = {"counters": dict(counters), "config": cfg.to_dict(), "world_size": accelerator.num_processes,
+              **extra}
     if accelerator.num_processes == 1:
         clear_staging(run_dir, counters["round"])
         save_checkpoint(run_dir, counters["round"], model=model, tokenizer=tokenizer,
@@ -668,6 +684,56 @@ def _maybe_reset(reference, optimizer, cfg: TrainConfig, counters: dict, count: 
         counters["ref_version"] += 1
 
 
+def _choose_checkpoint(run_dir: Path, accelerator):
+    """(checkpoint, this rank's state) to resume from: rank 0 verifies (hashes) and sets damaged
+    ones aside, then tells the others which one, so every rank resumes the same round."""
+    if accelerator.num_processes == 1:
+        return find_resumable(run_dir, log=_say)
+    from accelerate.utils import broadcast_object_list
+
+    choice = [None]
+    if accelerator.is_main_process:
+        try:
+            ckpt, state = find_resumable(run_dir, log=_say)
+            choice = [ckpt.name if ckpt else ""]
+        except CheckpointError as e:
+            choice = [e]
+    broadcast_object_list(choice, from_process=0)
+    if isinstance(choice[0], Exception):
+        raise choice[0]
+    if accelerator.is_main_process:
+        return ckpt, state
+    if not choice[0]:
+        return None, None
+    ckpt = Path(run_dir) / "checkpoints" / choice[0]
+    return ckpt, verify_checkpoint(ckpt, accelerator.process_index, hashes=False)  # rank 0 hashed it
+
+
+def _inputs(problems, reward_funcs) -> dict:
+    """What a run got from Python rather than its config (ReValTrainer, benchmarks): a
+    fingerprint of the training problems and the reward functions' names, saved in checkpoints
+    so a resume without them (or with others) is refused instead of training something else."""
+    import hashlib
+
+    record: dict = {}
+    if problems is not None:
+        h = hashlib.sha256()
+        for p in problems:
+            h.update(f"{p.question}\x00{p.answer}\x01".encode("utf-8", "surrogatepass"))
+        record["problems"] = f"{len(problems)} problems, sha256 {h.hexdigest()[:16]}"
+    if reward_funcs:
+        record["rewards"] = [reward_name(fn) for fn in reward_funcs]
+    return record
+
+
+def _inputs_message(saved: dict, now: dict) -> str:
+    parts = [f"{k}: the run had {saved.get(k, 'none (the config)')}, now {now.get(k, 'none (the config)')}"
+             for k in ("problems", "rewards") if saved.get(k) != now.get(k)]
+    return ("cannot resume: this run was given its data or reward functions from Python (ReValTrainer), "
+            "and they differ now (" + "; ".join(parts) + "). Resume it the same way, with the same "
+            "train_dataset and reward_funcs: trainer.train(resume_from_checkpoint=True)")
+
+
 NO_SIGNAL_ROUNDS = 3  # rounds in a row without a learning signal before the run says so
 
 
@@ -688,10 +754,9 @@ def _reward_columns(problems, G: int) -> dict[str, list]:
     column of the rows (None where a row lacks it), each repeated for the G answers."""
     columns = {"answer": [p.answer for p in problems for _ in range(G)],
                "question": [p.question for p in problems for _ in range(G)]}
-    extra = [getattr(p, "columns", None) or {} for p in problems]
-    for key in dict.fromkeys(k for row in extra for k in row):
-        columns[key] = [row.get(key) for row in extra for _ in range(G)]
+    columns.update({k: [v for v in values for _ in range(G)] for k, values in extra_columns(problems).items()})
     return columns
+
 
 
 def _unscored_message(cfg: TrainConfig, reward_names, columns: dict, rounds: int, rnd: int, failures: int,

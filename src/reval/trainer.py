@@ -99,9 +99,12 @@ class ReValTrainer:
         self.reward_funcs = list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) else \
             [reward_funcs] if reward_funcs is not None else None
         if self.reward_funcs is not None:
-            from reval.rewards import resolve_rewards
+            from reval.rewards import resolve_rewards, reward_name
 
             self.reward_funcs = resolve_rewards(self.reward_funcs)  # unknown names fail here, at once
+            # recorded in config.json (and checked by validate: one weight per function); a
+            # callable's "module:name" cannot be resumed from the command line without naming it
+            self.args.task.rewards = tuple(reward_name(fn) for fn in self.reward_funcs)
         self._model = None
         if isinstance(model, (str, os.PathLike)):
             self.args.model.path = str(model)
@@ -132,9 +135,10 @@ class ReValTrainer:
 
         if self._model is not None:
             start = self.args.run_dir / "start-model"
-            if not (start / "config.json").exists():
+            fresh = not resume_from_checkpoint or not (start / "config.json").exists()
+            if fresh and int(os.environ.get("RANK", "0")) == 0:  # other ranks load it after a barrier
                 model, tokenizer = self._model
-                model.save_pretrained(start)
+                model.save_pretrained(start)  # a fresh run replaces what an earlier attempt left
                 tokenizer.save_pretrained(start)
             self.args.model.path = str(start)
         return train(self.args, resume=resume_from_checkpoint, problems=self.train_problems,
