@@ -274,3 +274,23 @@ def test_large_data_length_check_memory_stays_flat(tiny_dir, tmp_path):
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["too_long"] == 0
     assert out["growth"] < 60, out  # one batch of 4096 prompts; all 200k at once took 525 MB
+
+
+def test_running_out_of_memory_names_the_batch_settings(tiny_dir, tmp_path, monkeypatch):
+    """An allocator error (here simulated in the update) becomes a message naming what to lower."""
+    import reval.train as train_mod
+
+    def oom(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 68719476736 bytes")
+
+    monkeypatch.setattr(train_mod, "update", oom)
+    cfg = TrainConfig(rounds=1, out=tmp_path / "run", progress=False)
+    cfg.model.path = str(tiny_dir)
+    cfg.rollout.prompts_per_round, cfg.rollout.samples_per_prompt, cfg.buffer.capacity = 4, 4, 32
+    with pytest.raises(MemoryError, match=r"ran out of memory \(.*can't allocate memory.*optim.micro_batch_size = 64 "
+                                          r".*prompts_per_round x samples_per_prompt = 16"):
+        train_mod.train(cfg)
+    monkeypatch.setattr(train_mod, "update", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("shape mismatch")))
+    with pytest.raises(RuntimeError, match="shape mismatch"):  # other errors are not dressed up as memory
+        train_mod.train(TrainConfig(**{**vars(cfg), "out": tmp_path / "run2"}))

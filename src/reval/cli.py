@@ -307,7 +307,7 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
         COMMANDS[argv[0]](argv[1:])
-    except (ValueError, OSError, FloatingPointError) as e:  # bad input: a message, not a traceback
+    except (ValueError, OSError, FloatingPointError, MemoryError) as e:  # a message, not a traceback
         raise SystemExit(f"error: {e}") from None
     except KeyboardInterrupt as e:
         raise SystemExit(f"\n{e}" if str(e) else "\ninterrupted") from None

@@ -330,7 +330,27 @@ def train(cfg: TrainConfig, resume: bool = False, *, problems: list | None = Non
                              f"({accelerator.num_processes})")
     # one process per run directory: two would mix their metrics and checkpoints
     with RunLock(cfg.run_dir) if accelerator.is_main_process else contextlib.nullcontext():
-        return _train(cfg, accelerator, resume, problems, eval_problems, should_stop, reward_funcs)
+        try:
+            return _train(cfg, accelerator, resume, problems, eval_problems, should_stop, reward_funcs)
+        except (torch.OutOfMemoryError, RuntimeError) as e:  # torch's allocators, GPU and CPU
+            if not _out_of_memory(e):
+                raise
+            raise MemoryError(_memory_message(cfg, e)) from None
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    text = str(e)
+    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in text or "can't allocate memory" in text
+
+
+def _memory_message(cfg: TrainConfig, e: BaseException) -> str:
+    first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+    return (f"ran out of memory ({first}). The batch settings need less: optim.micro_batch_size = "
+            f"{cfg.optim.micro_batch_size} rows per forward/backward (only memory, never the maths), "
+            f"rollout.prompts_per_round x samples_per_prompt = {cfg.batch_size} answers generated at once, "
+            f"rollout.max_new_tokens = {cfg.max_new_tokens}; --model.gradient-checkpointing and "
+            "--model.logprob-chunk 512 also help. Completed checkpoints are intact: change a memory "
+            "setting and --resume (micro_batch_size and logprob_chunk may change on resume)")
 
 
 def _train(cfg: TrainConfig, accelerator, resume: bool, problems, eval_problems, should_stop,
