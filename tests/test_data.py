@@ -342,5 +342,13 @@ def test_unreadable_parquet_and_csv(tmp_path):
 
 
 def test_unsupported_source_type():
-    with pytest.raises(TypeError, match="cannot load problems from a list"):
-        load_problems([{"question": "q", "answer": "1"}])
+    with pytest.raises(TypeError, match="cannot load problems from a dict"):
+        load_problems({"question": "q", "answer": "1"})
+
+
+def test_a_list_of_rows_keeps_every_column():
+    problems = load_problems([{"question": "q", "answer": "#### 1", "solution": "1", "id": 7}, {"question": "r"}],
+                             preset="gsm8k", skip_bad_rows=True)
+    assert problems == [Problem("q", "1")] and problems[0].columns == {"solution": "1", "id": 7}
+    with pytest.raises(ValueError, match="list of rows: row 2: must be a mapping of field names"):
+        load_problems([{"question": "q", "answer": "1"}, "not a row"])

@@ -68,7 +68,7 @@ import os
 import random
 import warnings
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -81,9 +81,9 @@ class Problem:
     question: str
     answer: str
     """The reference final answer as a string, ready for a verifier (e.g. "18", "\\frac{1}{2}")."""
-    columns: dict[str, Any] | None = None
+    columns: dict[str, Any] | None = field(default=None, compare=False)
     """The row's other fields (None if it has none): reward functions get each as a keyword
-    argument, as in TRL, next to `question` and `answer`."""
+    argument, as in TRL, next to `question` and `answer`. Not part of a problem's identity."""
 
 
 @dataclass(frozen=True)
@@ -147,8 +147,8 @@ def _gpqa_problem(row: dict[str, Any]) -> Problem | str:
         return problem
     texts = [_choice_text(row[f]) for f in fields]
     if not all(texts):
-        field = fields[texts.index("")]
-        return f"field {field!r} must be a non-empty string, got {_describe(row[field])}"
+        name = fields[texts.index("")]
+        return f"field {name!r} must be a non-empty string, got {_describe(row[name])}"
     # The correct answer is texts[0]; shuffle so it is not always A. The seed is the question
     # text (random.Random hashes a str seed with SHA-512, not Python's salted hash()), so every
     # load gives the same order, wherever the row sits in the file.
