@@ -406,29 +406,27 @@ def _legacy_state(ckpt: Path, rank: int) -> dict:
     return state
 
 
-def find_resumable(run_dir: Path, rank: int = 0, *, set_aside: bool = True,
-                   log=print) -> tuple[Path | None, dict | None]:
-    """The newest checkpoint of `run_dir` that verifies, with its state for `rank`.
+def find_resumable(run_dir: Path, log=print) -> tuple[Path | None, dict | None]:
+    """The newest checkpoint of `run_dir` that verifies, with its state (rank 0's part).
 
-    Each newer one that does not verify is reported through `log` and, with `set_aside`,
-    renamed to `damaged-round-*` (kept for inspection, never resumed). Returns (None, None)
-    when the run has no checkpoint; raises `CheckpointError` when it has some and none verifies.
+    Each newer one that does not verify is reported through `log` and renamed to
+    `damaged-round-*` (kept for inspection, never resumed). Returns (None, None) when the
+    run has no checkpoint; raises `CheckpointError` when it has some and none verifies.
+    Called on rank 0 only: the other ranks read the one it chose (`verify_checkpoint`).
     """
-    if set_aside:
-        _recover_interrupted_replace(run_dir)
+    _recover_interrupted_replace(run_dir)
     found = list_checkpoints(run_dir)
     problems = []
     for ckpt in reversed(found):
         try:
-            state = verify_checkpoint(ckpt, rank)
+            state = verify_checkpoint(ckpt)
         except CheckpointError as e:
             problems.append(f"{ckpt.name}: {e}")
             log(f"checkpoint {ckpt} cannot be resumed from: {e}")
             continue
-        if set_aside:
-            for bad in found[found.index(ckpt) + 1:]:
-                aside = _set_aside(bad)
-                log(f"set {bad.name} aside as {aside.name}; resuming from {ckpt.name}")
+        for bad in found[found.index(ckpt) + 1:]:
+            aside = _set_aside(bad)
+            log(f"set {bad.name} aside as {aside.name}; resuming from {ckpt.name}")
         return ckpt, state
     if not found:
         return None, None

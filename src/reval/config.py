@@ -399,9 +399,12 @@ def _typed_values(obj, prefix: str = ""):
         if dataclasses.is_dataclass(value):
             yield from _typed_values(value, f"{prefix}{f.name}.")
             continue
-        hint = hints[f.name]
-        args = typing.get_args(hint) if typing.get_origin(hint) is Literal else ()
-        yield prefix + f.name, value, args
+        yield prefix + f.name, value, _choices(hints[f.name])
+
+
+def _choices(hint) -> tuple:
+    """The values a `Literal[...]` field allows; () for any other type."""
+    return typing.get_args(hint) if typing.get_origin(hint) is Literal else ()
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -444,7 +447,7 @@ def _from_dict(cls, d: dict, prefix: str):
                 expected is tuple and isinstance(value, list))
             if not ok or (isinstance(value, bool) and expected is not bool):
                 raise ValueError(f"config key {prefix}{name} must be {expected.__name__}, got {value!r}")
-            choices = typing.get_args(hints[name]) if typing.get_origin(hints[name]) is Literal else ()
+            choices = _choices(hints[name])
             if choices and value not in choices:
                 raise ValueError(f"config key {prefix}{name} must be one of {choices}, got {value!r}")
             kwargs[name] = tuple(value) if expected is tuple else value

@@ -124,10 +124,10 @@ def _check_model_dir(p: Path, tokenizer: bool = True) -> None:
                           "damaged: write it again with save_pretrained") from None
 
     if not (p / "config.json").is_file():
+        lora = " (a LoRA checkpoint's model/ needs its base model: see the README)" \
+            if (p / "adapter_config.json").is_file() else ""
         raise OSError(f"{p / 'config.json'} is missing: {p} is not a model directory written by "
-                      "save_pretrained (a LoRA checkpoint's model/ needs its base model: see the README)"
-                      if (p / "adapter_config.json").is_file() else
-                      f"{p / 'config.json'} is missing: {p} is not a model directory written by save_pretrained")
+                      f"save_pretrained{lora}")
     readable_json("config.json")
     if tokenizer and not any((p / f).is_file() for f in TOKENIZER_FILES):
         raise OSError(f"{p} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}); save the tokenizer "

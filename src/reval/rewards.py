@@ -285,10 +285,11 @@ def score(reward_fns: Sequence[RewardFn], completions: list[str], columns: dict[
             values, error = [None] * len(completions), f"{type(e).__name__}: {e}"
         except Exception as e:  # noqa: BLE001 - user code; a failure must not kill the run
             values, error = [None] * len(completions), f"{type(e).__name__}: {e}"
+        name = reward_name(fn) if errors is not None else None
         for i, v in enumerate(values):
             ok = isinstance(v, (int, float)) and not isinstance(v, bool) and v == v  # not NaN
-            if not ok and errors is not None and reward_name(fn) not in errors:
-                errors[reward_name(fn)] = error or (
+            if not ok and name is not None and name not in errors:
+                errors[name] = error or (
                     "returned None for an answer (cannot score it: skipped)" if v is None
                     else f"returned {v!r} for an answer (a number or None expected)")
             if not ok:

@@ -468,9 +468,7 @@ def _train(cfg: TrainConfig, accelerator, resume: bool, problems, eval_problems,
                     generator=generator if cfg.rollout.backend == "vllm" else None,
                     columns=extra_columns(problems_), errors=reward_errors)
         if main:
-            for fn_name, error in list(reward_errors.items())[seen:]:
-                _say(f"evaluation: reward function {fn_name} failed on an answer: {error}\n  (shown once; "
-                     "such answers count as wrong)")
+            _report_reward_errors(reward_errors, seen, "evaluation", "such answers count as wrong")
         if cfg.task.data is None:  # the embedded task: eval/accuracy, eval/mean@k
             rec.update({f"eval/{k}": v for k, v in next(iter(results.values())).items()})
         elif results:  # benchmarks: eval/<name>/<metric> and their average, as the paper reports
@@ -522,9 +520,8 @@ def _train(cfg: TrainConfig, accelerator, resume: bool, problems, eval_problems,
                                              weights=cfg.task.reward_weights or None,
                                              timeout=cfg.rollout.reward_timeout, errors=reward_errors)
             if main:
-                for name, error in list(reward_errors.items())[seen:]:
-                    _say(f"round {rnd + 1}: reward function {name} failed on an answer: {error}\n  (shown once; "
-                         "such answers are skipped and counted in rollout/reward_failures)")
+                _report_reward_errors(reward_errors, seen, f"round {rnd + 1}",
+                                      "such answers are skipped and counted in rollout/reward_failures")
             # nothing scored, on any rank: a broken reward function or data, not bad luck
             unscored = all_ranks_true(accelerator, all(r is None for r in rewards))
             streaks["unscored_rounds"] = streaks["unscored_rounds"] + 1 if unscored else 0
@@ -778,6 +775,11 @@ def _reward_columns(problems, G: int) -> dict[str, list]:
     return columns
 
 
+def _report_reward_errors(errors: dict[str, str], seen: int, where: str, outcome: str) -> None:
+    """Print the reward failures recorded after the first `seen` (each function's first one, once)."""
+    for name, error in list(errors.items())[seen:]:
+        _say(f"{where}: reward function {name} failed on an answer: {error}\n  (shown once; {outcome})")
+
 
 def _unscored_message(cfg: TrainConfig, reward_names, columns: dict, rounds: int, rnd: int, failures: int,
                       answers: int) -> str:
@@ -813,6 +815,3 @@ def _truncate_metrics(path: Path, last_round: int) -> None:
 def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
-
-def _quiet(message: str) -> None:
-    pass
