@@ -220,7 +220,10 @@ def save_checkpoint(run_dir: Path, round_: int, *, model, tokenizer, ref_model, 
     tmp = staging_dir(run_dir, round_)
     tmp.mkdir(exist_ok=True)  # prepared empty by `clear_staging`; other ranks may have written to it
     try:
-        model.save_pretrained(tmp / "model", **({"state_dict": model_state_dict} if model_state_dict else {}))
+        from reval.qhead import is_qadapter, save_qadapter
+
+        save = (lambda d, **kw: save_qadapter(model, d, **kw)) if is_qadapter(model) else model.save_pretrained
+        save(tmp / "model", **({"state_dict": model_state_dict} if model_state_dict else {}))
         tokenizer.save_pretrained(tmp / "model")
         if ref_model is not None:
             (ref_model.save if hasattr(ref_model, "save") else ref_model.save_pretrained)(tmp / "reference")

@@ -22,7 +22,7 @@ from reval.tasks import TASKS
 
 # reval.losses (torch) is imported where it is needed, so `reval train --help` and argument
 # errors answer before torch loads; its registry's names (a test keeps the two equal):
-ALGORITHM_NAMES = ("reval", "tbrm", "tbrm_replay", "grpo")
+ALGORITHM_NAMES = ("reval", "tbrm", "tbrm_replay", "grpo", "mle", "iq", "dpo", "qadapter")
 TRACKERS = ("tensorboard", "wandb", "mlflow")
 
 
@@ -60,6 +60,8 @@ class ModelConfig:
     with the adapter disabled, so no second copy of the weights is held."""
     lora_alpha: float = 32.0
     """LoRA scaling numerator (delta = alpha / rank * B @ A)."""
+    qadapter_hidden: int = 64
+    """qadapter: width of the residual-Q head (a 2-layer MLP on the frozen model's last hidden state)."""
     lora_target_modules: str = "all-linear"
     """Modules that get an adapter: "all-linear" or a comma-separated list of names."""
 
@@ -171,6 +173,21 @@ class LossConfig:
     ref_cache: bool = True
     """Keep the reference's log-probs of stored answers until a reset makes them stale (one
     reference pass per answer instead of one per use); off: recompute at every use."""
+    iq_lambda: float = 0.1
+    """iq: weight of the temporal-difference term, lambda = 1/(4 alpha) of IQ-Learn's chi-squared
+    regulariser; 0 is exactly MLE (docs/iq.md)."""
+    gamma: float = 1.0
+    """iq, qadapter: discount of V(s_t+1) in the implied per-token reward Q(s_t, a_t) - gamma V(s_t+1)."""
+    label_smoothing: float = 0.0
+    """dpo: probability that a preference label is flipped (conservative DPO); 0: TRL's default loss.
+    dpo uses loss.beta as its KL strength (TRL's default is 0.1)."""
+    qadapter_alpha: float = 1.0
+    """qadapter: temperature alpha~ of the customised policy, pi ~ exp((Q_res + alpha_0 log pi_base) / alpha~)."""
+    qadapter_alpha0: float = 1.0
+    """qadapter: weight alpha_0 of log pi_base in the customised policy (docs/qadapter.md: with a
+    zero-initialised residual, alpha_0 = alpha~ starts exactly at the base model)."""
+    qadapter_chi2: float = 0.1
+    """qadapter: weight of the squared implied new reward per token (the authors' code: 0.1)."""
     sampler_weight_cap: float = 2.0
     """GRPO with a sampler that is not the policy (vLLM, `rollout.sync_every` > 1): weight each
     token by min(pi_old / pi_sampler, cap), truncated importance sampling; 0 turns it off.
@@ -204,9 +221,13 @@ class EvalConfig:
 
 @dataclass
 class TrainConfig:
-    algo: Literal["reval", "tbrm", "tbrm_replay", "grpo"] = "reval"
-    """Algorithm, from `reval.losses.ALGORITHMS`: reval; tbrm (on-policy, as published);
-    tbrm_replay (TBRM with ReVal's replay buffer, an ablation); grpo."""
+    algo: Literal["reval", "tbrm", "tbrm_replay", "grpo", "mle", "iq", "dpo", "qadapter"] = "reval"
+    """Algorithm, from `reval.losses.ALGORITHMS`. RL from a reward: reval; tbrm (on-policy, as
+    published); tbrm_replay (TBRM with ReVal's replay buffer, an ablation); grpo. Imitation of
+    prompt/response data (task.data, or the embedded task's worked solutions): mle (SFT); iq
+    (IQ-Learn: MLE plus a TD term). Preferences (task.data with prompt/chosen/rejected): dpo;
+    qadapter (a residual-Q head on the frozen model, Q-Adapter). The offline ones draw
+    rollout.prompts_per_round examples per round instead of sampling answers."""
     rounds: int = 40
     """Generation rounds; answers generated = rounds x P x G."""
     seed: int = 0
@@ -278,6 +299,19 @@ class TrainConfig:
             ("loss.reward_variant", self.loss.reward_variant in REWARD_VARIANTS, f"one of {REWARD_VARIANTS}"),
             ("loss.beta", self.loss.beta > 0, "> 0"),
             ("loss.clip_low", 0 <= self.loss.clip_low < 1, "in [0, 1)"),
+            ("loss.iq_lambda", self.loss.iq_lambda >= 0, ">= 0 (0 = MLE)"),
+            ("loss.gamma", 0 < self.loss.gamma <= 1, "in (0, 1]"),
+            ("loss.label_smoothing", 0 <= self.loss.label_smoothing < 0.5, "in [0, 0.5)"),
+            ("loss.qadapter_alpha", self.loss.qadapter_alpha > 0, "> 0"),
+            ("loss.qadapter_alpha0", self.loss.qadapter_alpha0 >= 0, ">= 0"),
+            ("loss.qadapter_chi2", self.loss.qadapter_chi2 >= 0, ">= 0"),
+            ("model.qadapter_hidden", self.model.qadapter_hidden >= 1, ">= 1"),
+            ("model.lora_rank", self.algo != "qadapter" or self.model.lora_rank == 0,
+             "0 with algo qadapter (its trainable module is the residual-Q head; the model stays frozen)"),
+            ("loss.ref_reset_every", self.algo != "qadapter" or self.loss.ref_reset_every == 0,
+             "0 with algo qadapter (the base model is the fixed prior)"),
+            ("rollout.backend", self.rollout.backend == "hf" or self.algo in ("reval", "tbrm", "tbrm_replay", "grpo"),
+             "hf for the offline algorithms (mle, iq, dpo, qadapter generate only to evaluate)"),
             ("loss.clip_high", self.loss.clip_high >= 0, ">= 0"),
             ("loss.ref_reset_every", self.loss.ref_reset_every >= 0, ">= 0 (0 = never)"),
             ("loss.ref_reset_unit", self.loss.ref_reset_unit in ("rounds", "updates"), "rounds or updates"),

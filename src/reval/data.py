@@ -238,6 +238,64 @@ def load_problems(source: Any, *, preset: str = "qa", question_field: str | None
     return problems
 
 
+# --- demonstrations and preference pairs -----------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Demonstration:
+    """A prompt and a response to imitate (`reval train --algo mle|iq`)."""
+
+    prompt: str
+    response: str
+
+
+@dataclass(frozen=True, slots=True)
+class PreferencePair:
+    """A prompt, the preferred answer and the other one (`reval train --algo dpo|qadapter`)."""
+
+    prompt: str
+    chosen: str
+    rejected: str
+
+
+DEMO_FIX = ("fix the rows, or name the fields with --task.question-field (prompt) / --task.answer-field "
+            "(response)")
+PAIR_FIX = "fix the rows, or name the prompt field with --task.question-field"
+
+
+def load_demonstrations(source: Any, *, prompt_field: str | None = None, response_field: str | None = None,
+                        split: str = "train", limit: int | None = None, skip_bad_rows: bool = False,
+                        fix_hint: str = DEMO_FIX) -> list[Demonstration]:
+    """Prompt / response rows (default fields "prompt" and "response") from any source
+    `load_problems` reads, with the same errors for bad rows. `limit`: the first N."""
+    p_field, r_field = prompt_field or "prompt", response_field or "response"
+
+    def read(row: dict[str, Any]) -> Demonstration | str:
+        bad = _missing(row, (p_field, r_field)) or _not_text(row, p_field) or _not_text(row, r_field)
+        return bad or Demonstration(row[p_field], row[r_field])
+
+    name, rows = _open(source, split)
+    return _collect_rows(name, rows, read, limit, skip_bad_rows, fix_hint)
+
+
+def load_preferences(source: Any, *, prompt_field: str | None = None, split: str = "train",
+                     limit: int | None = None, skip_bad_rows: bool = False,
+                     fix_hint: str = PAIR_FIX) -> list[PreferencePair]:
+    """Prompt / chosen / rejected rows (TRL's preference columns; the prompt field can be
+    renamed) from any source `load_problems` reads, with the same errors for bad rows. A row
+    whose two answers are the same text states no preference and is a bad row. `limit`: the first N."""
+    p_field = prompt_field or "prompt"
+
+    def read(row: dict[str, Any]) -> PreferencePair | str:
+        bad = _missing(row, (p_field, "chosen", "rejected")) or _not_text(row, p_field) \
+            or _not_text(row, "chosen") or _not_text(row, "rejected")
+        if not bad and row["chosen"] == row["rejected"]:
+            bad = "fields 'chosen' and 'rejected' are the same text, which states no preference"
+        return bad or PreferencePair(row[p_field], row["chosen"], row["rejected"])
+
+    name, rows = _open(source, split)
+    return _collect_rows(name, rows, read, limit, skip_bad_rows, fix_hint)
+
+
 # --- where the rows come from ----------------------------------------------------------------
 
 def _open(source: Any, split: str) -> tuple[str, Iterable[Row]]:
@@ -418,10 +476,17 @@ def _csv_rows(path: Path, name: str) -> Iterator[Row]:
 
 def _collect(name: str, rows: Iterable[Row], schema: Preset, q_field: str, a_field: str,
              limit: int | None, skip_bad_rows: bool, fix_hint: str) -> list[Problem]:
-    problems: list[Problem] = []
+    return _collect_rows(name, rows, lambda row: _problem(row, schema, q_field, a_field), limit, skip_bad_rows,
+                         fix_hint)
+
+
+def _collect_rows(name: str, rows: Iterable[Row], read: Callable[[dict[str, Any]], Any], limit: int | None,
+                  skip_bad_rows: bool, fix_hint: str) -> list:
+    """`read(row)` of every row (a record, or a string saying what is wrong with the row)."""
+    problems: list = []
     first_bad, num_bad = "", 0  # only the first is reported: a million bad rows hold no million messages
     for where, row in rows:
-        problem = row if isinstance(row, str) else _problem(row, schema, q_field, a_field)
+        problem = row if isinstance(row, str) else read(row)
         if isinstance(problem, str):
             first_bad, num_bad = first_bad or f"{where}: {problem}", num_bad + 1
             continue

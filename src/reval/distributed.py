@@ -44,8 +44,8 @@ class LogProbModule(torch.nn.Module):
         self.chunk_size = chunk_size
         self.shared_prefix = shared_prefix
 
-    def forward(self, batch):
-        return sequence_logprobs(self.lm, batch, self.chunk_size, self.shared_prefix)
+    def forward(self, batch, all_values: bool = False):
+        return sequence_logprobs(self.lm, batch, self.chunk_size, self.shared_prefix, all_values)
 
 
 def make_accelerator(mixed_precision: str = "no"):

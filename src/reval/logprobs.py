@@ -71,11 +71,14 @@ def _concatenated_hidden(decoder, batch: Batch) -> torch.Tensor:
     return hidden[:, P - 1: P + H - 1]  # position t predicts token t + 1
 
 
-def sequence_logprobs(model, batch: Batch, chunk_size: int | None = None, shared_prefix: bool = True):
+def sequence_logprobs(model, batch: Batch, chunk_size: int | None = None, shared_prefix: bool = True,
+                      all_values: bool = False):
     """Return `(logp, v_first)`: (B, H) log pi of each response token, (B,) V(s_1).
 
     `logp` is zero outside `batch.response_mask`. `chunk_size` (positions) bounds the
-    memory of the vocabulary projection; None projects every position at once.
+    memory of the vocabulary projection; None projects every position at once. With
+    `all_values` the second tensor is (B, H) V(s_h) at every response position (zero
+    outside the mask), which IQ-Learn's temporal-difference term needs.
     """
     decoder, head = model.get_decoder(), model.get_output_embeddings()
     hidden = (_shared_prefix_hidden if shared_prefix else _concatenated_hidden)(decoder, batch)
@@ -91,4 +94,6 @@ def sequence_logprobs(model, batch: Batch, chunk_size: int | None = None, shared
         logps.append(lp)
         lses.append(lse)
     logp = torch.cat(logps, 1) * batch.response_mask  # (B, H)
+    if all_values:
+        return logp, torch.cat(lses, 1) * batch.response_mask  # (B, H) V(s_h)
     return logp, lses[0][:, 0]  # V(s_1): logsumexp at the position predicting the first token

@@ -107,6 +107,10 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, *,
         raise OSError(f"could not load model {str(path)!r} ({type(e).__name__}: {e}); is it a complete "
                       "directory written by save_pretrained?") from None
     model.generation_config.pad_token_id = tokenizer.pad_token_id
+    if p.is_dir() and (p / "qadapter.json").is_file():  # a Q-Adapter: the base plus its residual-Q head
+        from reval.qhead import load_qadapter
+
+        load_qadapter(model, p)
     return model, tokenizer
 
 

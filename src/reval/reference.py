@@ -5,6 +5,7 @@ hold pi_ref, picked by how the policy is trained:
 
 - full fine-tuning: a second, frozen copy of the starting weights. A reference reset
   (method.md section 5) copies the policy's weights into it in place.
+- Q-Adapter (`reval.qhead`): the frozen model under its residual-Q head, head switched off.
 - LoRA (peft): no second copy. The policy is base + adapter, so the reference is the same
   module run with the adapter disabled. A reset merges the adapter into the base weights
   and re-initialises the adapter (B = 0), so policy and reference coincide again; the
@@ -23,6 +24,7 @@ import torch
 
 from reval.logprobs import sequence_logprobs
 from reval.model import is_peft
+from reval.qhead import is_qadapter
 
 
 class Reference:
@@ -35,7 +37,7 @@ class Reference:
         is lost: under bf16 autocast a reference computed in fp32 differs by a biased
         amount that grows with the answer length.
         """
-        if frozen_copy is None and not is_peft(policy):
+        if frozen_copy is None and not is_peft(policy) and not is_qadapter(policy):
             raise ValueError("a full fine-tuning reference needs a frozen copy of the weights")
         self.policy = policy
         self.copy = frozen_copy.eval().requires_grad_(False) if frozen_copy is not None else None
@@ -50,6 +52,9 @@ class Reference:
         with self.autocast():
             if self.copy is not None:
                 logp, v = sequence_logprobs(self.copy, batch, chunk_size, shared_prefix)
+            elif is_qadapter(self.policy):  # the frozen base under the residual-Q head
+                with self.policy.get_output_embeddings().residual_off():
+                    logp, v = sequence_logprobs(self.policy, batch, chunk_size, shared_prefix)
             else:
                 with self.policy.disable_adapter():
                     logp, v = sequence_logprobs(self.policy, batch, chunk_size, shared_prefix)

@@ -24,6 +24,7 @@ rollouts (reval.rollout_vllm); none of them is a second code path.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import random
@@ -46,8 +47,11 @@ from reval.evaluate import evaluate
 from reval.logprobs import sequence_logprobs
 from reval.losses import ALGORITHMS
 from reval.metrics import MetricsLogger, read_metrics, tracker_names
+from reval import offline
 from reval.model import (add_lora, auto_prompt, default_model_path, eos_token_ids, format_prompt, load_model,
                          prompts_too_long, resolve_template, use_chat_template)
+from reval.offline import ROWS_PER_EXAMPLE
+from reval.qhead import attach_qadapter, is_qadapter
 from reval.reference import RefCache, Reference
 from reval.rewards import resolve_rewards, reward_name, score
 from reval.rollout import HFGenerator, to_experiences
@@ -76,15 +80,17 @@ def update(policy, reference, optimizer, batch: Batch, cfg: TrainConfig,
     """
     algo = ALGORITHMS[cfg.algo]
     device = accelerator.device if accelerator is not None else batch.response_ids.device
-    denom = int(batch.response_mask.sum()) if algo.per_token else len(batch)
+    rows = ROWS_PER_EXAMPLE[algo.data]  # 2: a preference pair's two answers are adjacent rows
+    tokens = int(batch.response_mask.sum())
+    denom = tokens if algo.per_token else len(batch) // rows
     optimizer.zero_grad(set_to_none=True)
     sums: dict[str, float] = {"perf/ref_cache_hits": 0.0} if algo.needs_reference else {}
     total_loss = 0.0
-    micros = micro_batches(batch, cfg.optim.micro_batch_size)
+    micros = micro_batches(batch, max(cfg.optim.micro_batch_size // rows, 1) * rows)  # whole pairs
     for i, micro in enumerate(micros):
         micro = micro.to(device)
-        t = {"mask": micro.response_mask, "reward": micro.reward,
-             "group_mean": micro.group_mean, "group_std": micro.group_std}
+        t = {"mask": micro.response_mask, "reward": micro.reward, "truncated": micro.truncated,
+             "group_mean": micro.group_mean, "group_std": micro.group_std, "batch_tokens": tokens}
         if algo.needs_reference:
             hit = ref_cache.get(micro.uid, ref_version, micro.response_ids.shape[1]) if ref_cache is not None \
                 else None
@@ -101,7 +107,7 @@ def update(policy, reference, optimizer, batch: Batch, cfg: TrainConfig,
         sync = accelerator.no_sync(policy) if accelerator is not None and i < len(micros) - 1 and \
             accelerator.distributed_type in ("MULTI_GPU", "MULTI_CPU") else contextlib.nullcontext()
         with sync:
-            t["logp"], t["v"] = policy(micro)
+            t["logp"], t["v"] = policy(micro, True) if algo.all_values else policy(micro)
             if algo.needs_old_logp:  # pi_old: the sampling policy (no grad); equals pi_theta on the 1st update
                 t["old_logp"] = old_logp[i].to(device) if old_logp is not None else t["logp"].detach()
                 if sampler_logp is not None:
@@ -242,9 +248,19 @@ def _load(cfg: TrainConfig, path: str | Path, tokenizer_path: str | Path | None 
 
 
 def _load_policy(cfg: TrainConfig, ckpt: Path | None, start_path):
-    """The policy (LoRA-wrapped if configured) and tokenizer, from the start or a checkpoint."""
+    """The policy (LoRA-wrapped if configured, or with a Q-Adapter head) and tokenizer, from the
+    start or a checkpoint."""
     if cfg.model.lora_rank == 0:
-        return _load(cfg, ckpt / "model" if ckpt else start_path)
+        model, tokenizer = _load(cfg, ckpt / "model" if ckpt else start_path)
+        if is_qadapter(model) and (cfg.algo != "qadapter" or not ckpt):
+            raise ValueError(f"{start_path} is a Q-Adapter (base model + qadapter.json): train from its base "
+                             "model instead (a directory without qadapter.json / qadapter.safetensors)")
+        if cfg.algo == "qadapter":  # the base is frozen; only the residual-Q head learns
+            head = model.get_output_embeddings() if ckpt else attach_qadapter(
+                model, cfg.model.qadapter_hidden, cfg.loss.qadapter_alpha, cfg.loss.qadapter_alpha0)
+            for module in (head.up, head.down):
+                module.requires_grad_(True)
+        return model, tokenizer
     # LoRA: the base weights are the reference's (they change only at a reference reset)
     base_dir = ckpt / "reference" if ckpt and (ckpt / "reference").exists() else start_path
     model, tokenizer = _load(cfg, base_dir, ckpt / "model" if ckpt else None)  # reference/: weights only
@@ -264,18 +280,22 @@ def _load_policy(cfg: TrainConfig, ckpt: Path | None, start_path):
 def _make_reference(cfg: TrainConfig, model, ckpt: Path | None, start_path, accelerator) -> Reference:
     """pi_ref: the LoRA base (adapter off), or a frozen copy of the start (or of the checkpoint's
     reference after a reset). It runs under the policy's autocast (`Reference.autocast`)."""
-    if cfg.model.lora_rank:
+    if cfg.model.lora_rank or cfg.algo == "qadapter":  # the same module, adapter or head off
         return Reference(model, autocast=accelerator.autocast)
     ref_source = ckpt / "reference" if ckpt and (ckpt / "reference").exists() else start_path
     ref_copy = _load(cfg, ref_source, ckpt / "model" if ckpt else None)[0].to(accelerator.device)
     return Reference(model, ref_copy, autocast=accelerator.autocast)
 
 
-def _datasets(cfg: TrainConfig, problems, eval_problems) -> tuple[list, dict[str, list]]:
-    """(training problems, {benchmark name: problems}) from the task config or the overrides."""
+def _datasets(cfg: TrainConfig, problems, eval_problems, kind: str = "rollout") -> tuple[list, dict[str, list]]:
+    """(training problems, {benchmark name: problems}) from the task config or the overrides;
+    for the offline algorithms (`kind` demonstrations / preferences) the training examples."""
+    if kind != "rollout":
+        train_set = offline.load_examples(cfg, kind, problems)
     if cfg.task.data is None:
         task = TASKS[cfg.task.name]
-        train_set = problems or task.split("train", cfg.task.num_train, seed=cfg.seed, digits=cfg.task.digits)
+        if kind == "rollout":
+            train_set = problems or task.split("train", cfg.task.num_train, seed=cfg.seed, digits=cfg.task.digits)
         n_eval = cfg.task.num_test if cfg.task.eval_split == "test" else cfg.task.num_validation
         if eval_problems is not None and not eval_problems:  # [] : no evaluation
             return train_set, {}
@@ -286,7 +306,8 @@ def _datasets(cfg: TrainConfig, problems, eval_problems) -> tuple[list, dict[str
 
     fields = {"preset": cfg.task.preset, "question_field": cfg.task.question_field,
               "answer_field": cfg.task.answer_field}
-    train_set = problems or load_problems(cfg.task.data, **fields)
+    if kind == "rollout":
+        train_set = problems or load_problems(cfg.task.data, **fields)
     if eval_problems is not None:  # [] (the Python API without an eval_dataset): no evaluation
         return train_set, {"eval": eval_problems} if eval_problems else {}
     evals = {}
@@ -377,12 +398,13 @@ def _train(cfg: TrainConfig, accelerator, resume: bool, problems, eval_problems,
     tracker_names(cfg.report_to)  # a tracker asked for but not installed: said before the model loads
 
     # -- data, before any model is loaded (a bad row is refused in seconds) -----------------
-    train_set, eval_sets = _datasets(cfg, problems, eval_problems)
+    offline_data = algo.data != "rollout"
+    train_set, eval_sets = _datasets(cfg, problems, eval_problems, algo.data)
     inputs = _inputs(problems, reward_funcs)
     if state is not None and state.get("inputs", inputs) != inputs:
         raise ValueError(_inputs_message(state["inputs"], inputs))
     if len(train_set) < cfg.rollout.prompts_per_round // world:
-        raise ValueError(f"the training data has {len(train_set)} problems, fewer than rollout.prompts_per_round "
+        raise ValueError(f"the training data has {len(train_set)} examples, fewer than rollout.prompts_per_round "
                          f"= {cfg.rollout.prompts_per_round} drawn each round; lower it or add data")
 
     # -- model, reference, optimizer ------------------------------------------------------
@@ -417,8 +439,14 @@ def _train(cfg: TrainConfig, accelerator, resume: bool, problems, eval_problems,
     reward_errors: dict[str, str] = {}  # the first failure of each reward function, shown once
     verifier = reward_fns[0]
     eos_ids = eos_token_ids(model, tokenizer)
-    too_long = prompts_too_long(model, tokenizer, [p.question for p in train_set], cfg.max_new_tokens,
-                                template, chat)
+    if offline_data:
+        long = offline.too_long(train_set, tokenizer, template=template, chat=chat,
+                                context=model.config.max_position_embeddings)
+        if long:
+            raise ValueError(f"training example {long[0]} is {long[1]} tokens with its prompt, more than the "
+                             f"model's context of {model.config.max_position_embeddings}; shorten or drop it")
+    too_long = [] if offline_data else prompts_too_long(model, tokenizer, [p.question for p in train_set],
+                                                        cfg.max_new_tokens, template, chat)
     if too_long:
         i, n = too_long[0]
         raise ValueError(f"training prompt {i} is {n} tokens ({len(too_long)} such prompts); with "
@@ -429,7 +457,8 @@ def _train(cfg: TrainConfig, accelerator, resume: bool, problems, eval_problems,
     correct_sampler = algo.needs_old_logp and cfg.loss.sampler_weight_cap > 0 and (
         cfg.rollout.sync_every > 1 or cfg.rollout.backend == "vllm")
     prompts_per_rank = cfg.rollout.prompts_per_round // world
-    batch_per_rank = cfg.batch_size // world
+    batch_per_rank = prompts_per_rank * ROWS_PER_EXAMPLE[algo.data] if offline_data else cfg.batch_size // world
+    embedded_task = TASKS[cfg.task.name] if offline_data and cfg.task.data is None else None
 
     counters = {"round": 0, "updates": 0, "samples": 0, "seconds": 0.0, "ref_version": 0,
                 "sampler_version": 0}
@@ -496,49 +525,58 @@ def _train(cfg: TrainConfig, accelerator, resume: bool, problems, eval_problems,
         while counters["round"] < cfg.rounds:
             rnd = counters["round"]
             t_round = time.time()
-            # 1. task: this round's prompts (P / N on each of N ranks)
-            problems = rngs["prompts"].sample(train_set, prompts_per_rank)
-            prompts = [format_prompt(tokenizer, p.question, template, chat) for p in problems]
-            # 2. rollout: the generation seed depends only on (seed, round, rank) -> reproducible on resume
-            seed = cfg.seed * 1_000_003 + rnd + 7919 * rank
-            torch.manual_seed(seed)
-            if rnd % cfg.rollout.sync_every == 0 and counters["sampler_version"] != counters["updates"]:
-                with full_params(accelerator, policy):
-                    generator.sync_weights(model)
-                counters["sampler_version"] = counters["updates"]
-            G = cfg.rollout.samples_per_prompt
-            with full_params(accelerator, policy) if cfg.rollout.backend == "hf" else contextlib.nullcontext():
-                samples = generator.generate(prompts, samples_per_prompt=G, temperature=cfg.rollout.temperature,
-                                             top_p=cfg.rollout.top_p, max_new_tokens=cfg.max_new_tokens, seed=seed,
-                                             return_logprobs=correct_sampler and cfg.rollout.backend == "vllm")
-            t_gen = time.time() - t_round
-            # 3. rewards
-            completions = tokenizer.batch_decode(samples.response_ids, skip_special_tokens=True)
-            columns = _reward_columns(problems, G)
-            seen = len(reward_errors)
-            rewards, reward_failures = score(reward_fns, completions, columns,
-                                             weights=cfg.task.reward_weights or None,
-                                             timeout=cfg.rollout.reward_timeout, errors=reward_errors)
-            if main:
-                _report_reward_errors(reward_errors, seen, f"round {rnd + 1}",
-                                      "such answers are skipped and counted in rollout/reward_failures")
-            # nothing scored, on any rank: a broken reward function or data, not bad luck
-            unscored = all_ranks_true(accelerator, all(r is None for r in rewards))
-            streaks["unscored_rounds"] = streaks["unscored_rounds"] + 1 if unscored else 0
-            if streaks["unscored_rounds"] >= cfg.rollout.max_unscored_rounds:
-                raise ValueError(_unscored_message(cfg, reward_names, columns, streaks["unscored_rounds"], rnd,
-                                                   reward_failures, len(rewards)))
-            for i, trunc in enumerate(samples.truncated):
-                if trunc and rewards[i] is not None:
-                    rewards[i] = None if cfg.loss.drop_truncated else 0.0  # no EOS: reward 0
-            first_uid = (rnd * world + rank) * batch_per_rank
-            fresh = to_experiences(samples, rewards, samples_per_prompt=G, version=counters["sampler_version"],
-                                   round=rnd, first_group_id=(rnd * world + rank) * prompts_per_rank,
-                                   first_uid=first_uid)
-            counters["samples"] += len(completions) * world
-            # 4. buffer
-            if algo.replay:
-                buffer.add(fresh)
+            if offline_data:  # 1-4. the round's examples from the data (reval.offline)
+                examples = rngs["prompts"].sample(train_set, prompts_per_rank)
+                fresh = offline.to_experiences(
+                    examples, tokenizer, template=template, chat=chat, eos_id=tokenizer.eos_token_id,
+                    version=counters["updates"], round=rnd, first_group_id=(rnd * world + rank) * prompts_per_rank,
+                    first_uid=(rnd * world + rank) * batch_per_rank, task=embedded_task, rng=rngs["prompts"])
+                counters["samples"] += len(examples) * world
+                t_gen = 0.0
+            else:
+                # 1. task: this round's prompts (P / N on each of N ranks)
+                problems = rngs["prompts"].sample(train_set, prompts_per_rank)
+                prompts = [format_prompt(tokenizer, p.question, template, chat) for p in problems]
+                # 2. rollout: the generation seed depends only on (seed, round, rank) -> reproducible on resume
+                seed = cfg.seed * 1_000_003 + rnd + 7919 * rank
+                torch.manual_seed(seed)
+                if rnd % cfg.rollout.sync_every == 0 and counters["sampler_version"] != counters["updates"]:
+                    with full_params(accelerator, policy):
+                        generator.sync_weights(model)
+                    counters["sampler_version"] = counters["updates"]
+                G = cfg.rollout.samples_per_prompt
+                with full_params(accelerator, policy) if cfg.rollout.backend == "hf" else contextlib.nullcontext():
+                    samples = generator.generate(prompts, samples_per_prompt=G, temperature=cfg.rollout.temperature,
+                                                 top_p=cfg.rollout.top_p, max_new_tokens=cfg.max_new_tokens, seed=seed,
+                                                 return_logprobs=correct_sampler and cfg.rollout.backend == "vllm")
+                t_gen = time.time() - t_round
+                # 3. rewards
+                completions = tokenizer.batch_decode(samples.response_ids, skip_special_tokens=True)
+                columns = _reward_columns(problems, G)
+                seen = len(reward_errors)
+                rewards, reward_failures = score(reward_fns, completions, columns,
+                                                 weights=cfg.task.reward_weights or None,
+                                                 timeout=cfg.rollout.reward_timeout, errors=reward_errors)
+                if main:
+                    _report_reward_errors(reward_errors, seen, f"round {rnd + 1}",
+                                          "such answers are skipped and counted in rollout/reward_failures")
+                # nothing scored, on any rank: a broken reward function or data, not bad luck
+                unscored = all_ranks_true(accelerator, all(r is None for r in rewards))
+                streaks["unscored_rounds"] = streaks["unscored_rounds"] + 1 if unscored else 0
+                if streaks["unscored_rounds"] >= cfg.rollout.max_unscored_rounds:
+                    raise ValueError(_unscored_message(cfg, reward_names, columns, streaks["unscored_rounds"], rnd,
+                                                       reward_failures, len(rewards)))
+                for i, trunc in enumerate(samples.truncated):
+                    if trunc and rewards[i] is not None:
+                        rewards[i] = None if cfg.loss.drop_truncated else 0.0  # no EOS: reward 0
+                first_uid = (rnd * world + rank) * batch_per_rank
+                fresh = to_experiences(samples, rewards, samples_per_prompt=G, version=counters["sampler_version"],
+                                       round=rnd, first_group_id=(rnd * world + rank) * prompts_per_rank,
+                                       first_uid=first_uid)
+                counters["samples"] += len(completions) * world
+                # 4. buffer
+                if algo.replay:
+                    buffer.add(fresh)
             # 5. updates
             t_upd = time.time()
             upd_metrics: list[dict] = []
@@ -586,27 +624,33 @@ def _train(cfg: TrainConfig, accelerator, resume: bool, problems, eval_problems,
             counters["round"] += 1
 
             # 7. log / eval / checkpoint
-            r = torch.tensor([x for x in rewards if x is not None] or [0.0])
             rec = {"round": counters["round"], "samples": counters["samples"], "seconds": counters["seconds"],
-                   "updates": counters["updates"], "rollout/reward_mean": r.mean().item(),
-                   "rollout/response_len": sum(map(len, samples.response_ids)) / len(samples.response_ids),
-                   "rollout/truncated_frac": sum(samples.truncated) / len(samples.truncated),
-                   "rollout/reward_failures": reward_failures,
-                   "rollout/groups_all_same": _groups_all_same(fresh),
-                   "rollout/sampler_lag": counters["updates"] - counters["sampler_version"],
-                   "buffer/size": len(buffer) * world, "q/ref_version": counters["ref_version"],
+                   "updates": counters["updates"], "q/ref_version": counters["ref_version"],
                    "perf/generate_seconds": t_gen, "perf/update_seconds": t_upd}
+            if offline_data:
+                rec["data/response_len"] = sum(len(e.response_ids) for e in fresh) / len(fresh)
+            else:
+                r = torch.tensor([x for x in rewards if x is not None] or [0.0])
+                rec.update({"rollout/reward_mean": r.mean().item(),
+                            "rollout/response_len": sum(map(len, samples.response_ids)) / len(samples.response_ids),
+                            "rollout/truncated_frac": sum(samples.truncated) / len(samples.truncated),
+                            "rollout/reward_failures": reward_failures,
+                            "rollout/groups_all_same": _groups_all_same(fresh),
+                            "rollout/sampler_lag": counters["updates"] - counters["sampler_version"],
+                            "buffer/size": len(buffer) * world})
             for key in (upd_metrics[0] if upd_metrics else {}):  # mean over the K updates
                 rec[key] = sum(m[key] for m in upd_metrics) / len(upd_metrics)
             if upd_metrics:
                 rec["buffer/staleness_max"] = max(m["buffer/staleness_max"] for m in upd_metrics)
             if logger is not None:  # rank 0's rollout statistics stand for all ranks
                 logger.log(rec)
-            # no signal: every group's answers alike (with one answer per prompt: every answer alike)
-            flat = rec["rollout/groups_all_same"] == 1.0 if G > 1 else len({x for x in rewards if x is not None}) <= 1
-            streaks["no_signal_rounds"] = streaks["no_signal_rounds"] + 1 if flat else 0
-            if main and streaks["no_signal_rounds"] == NO_SIGNAL_ROUNDS:
-                _say(_no_signal_message(cfg, prompt, reward_names, rec, rnd))
+            if not offline_data:  # no signal: every group's answers alike (one answer per prompt: every answer alike)
+                G = cfg.rollout.samples_per_prompt
+                flat = rec["rollout/groups_all_same"] == 1.0 if G > 1 else \
+                    len({x for x in rewards if x is not None}) <= 1
+                streaks["no_signal_rounds"] = streaks["no_signal_rounds"] + 1 if flat else 0
+                if main and streaks["no_signal_rounds"] == NO_SIGNAL_ROUNDS:
+                    _say(_no_signal_message(cfg, prompt, reward_names, rec, rnd))
             done = counters["round"] == cfg.rounds
             if eval_sets and (done or (cfg.eval.every and counters["round"] % cfg.eval.every == 0)):
                 last_eval = run_eval()
@@ -616,7 +660,8 @@ def _train(cfg: TrainConfig, accelerator, resume: bool, problems, eval_problems,
                 save()
             bar.update(1)
             acc = last_eval.get("eval/accuracy", last_eval.get(f"eval/mean@{cfg.eval.samples}", float("nan")))
-            bar.set_postfix(reward=f"{rec['rollout/reward_mean']:.2f}", acc=f"{acc:.2f}")
+            shown = {"loss": rec.get("loss/total", float("nan"))} if offline_data else {"reward": rec["rollout/reward_mean"]}
+            bar.set_postfix(**{k: f"{v:.2f}" for k, v in shown.items()}, acc=f"{acc:.2f}")
             if done:
                 break
             if interrupt.requested:  # Ctrl-C: checkpoint the completed round, stop
@@ -735,8 +780,9 @@ def _inputs(problems, reward_funcs) -> dict:
     record: dict = {}
     if problems is not None:
         h = hashlib.sha256()
-        for p in problems:
-            h.update(f"{p.question}\x00{p.answer}\x01".encode("utf-8", "surrogatepass"))
+        for p in problems:  # problems, or an offline algorithm's demonstrations / preference pairs
+            text = f"{p.question}\x00{p.answer}" if hasattr(p, "answer") else "\x00".join(dataclasses.astuple(p))
+            h.update(f"{text}\x01".encode("utf-8", "surrogatepass"))
         record["problems"] = f"{len(problems)} problems, sha256 {h.hexdigest()[:16]}"
     if reward_funcs:
         record["rewards"] = [reward_name(fn) for fn in reward_funcs]

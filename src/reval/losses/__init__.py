@@ -1,7 +1,8 @@
 """Losses: one pure tensor function per algorithm, picked from `ALGORITHMS`.
 
 Each entry says what the training loop must compute for the loss (a reference forward,
-old log-probs) and how to call it. Adding an algorithm is one file here, one entry in
+old log-probs, V at every position), which data a round is made of (sampled answers,
+demonstrations or preference pairs, `reval.offline`) and how to call it. Adding an algorithm is one file here, one entry in
 the dict, one docs page and one test file.
 """
 
@@ -12,7 +13,10 @@ from dataclasses import dataclass
 
 import torch
 
+from reval.losses.dpo import dpo_loss
 from reval.losses.grpo import grpo_advantage, grpo_loss, sampler_weight
+from reval.losses.iq import iq_loss, mle_loss
+from reval.losses.qadapter import qadapter_loss
 from reval.losses.reval import reval_loss
 from reval.losses.tbrm import tbrm_loss
 from reval.rewards import shape_reward
@@ -25,8 +29,11 @@ class Algorithm:
     needs_old_logp: bool  # a PPO ratio against the policy that sampled the batch
     per_token: bool  # loss is a token-mean (else a trajectory-mean)
     default_updates_per_round: int  # K when the config leaves it unset
-    # compute(t, cfg, denom) -> (loss, metrics); t holds the tensors named below
+    # compute(t, cfg, denom) -> (loss, metrics); t holds the tensors named below. denom: the
+    # whole batch's tokens (per_token) or examples (trajectories; pairs for preferences)
     compute: Callable[[dict, object, int], tuple[torch.Tensor, dict]]
+    data: str = "rollout"  # a round's data: sampled answers, "demonstrations" or "preferences"
+    all_values: bool = False  # t["v"] is V(s_t) at every answer position (B, T), not V(s_1) (B,)
 
 
 def _reval(t: dict, cfg, denom: int):
@@ -49,6 +56,26 @@ def _grpo(t: dict, cfg, denom: int):
                      clip_high=cfg.clip_high, num_tokens=denom, weight=weight)
 
 
+def _mle(t: dict, cfg, denom: int):
+    return mle_loss(t["logp"], t["mask"], num_tokens=denom)
+
+
+def _iq(t: dict, cfg, denom: int):
+    return iq_loss(t["logp"], t["v"], t["mask"], iq_lambda=cfg.iq_lambda, gamma=cfg.gamma,
+                   truncated=t["truncated"], num_tokens=denom)
+
+
+def _dpo(t: dict, cfg, denom: int):
+    return dpo_loss(t["logp"], t["ref_logp"], t["mask"], beta=cfg.beta, label_smoothing=cfg.label_smoothing,
+                    num_pairs=denom)
+
+
+def _qadapter(t: dict, cfg, denom: int):
+    return qadapter_loss(t["logp"], t["ref_logp"], t["v"], t["mask"], alpha=cfg.qadapter_alpha,
+                         alpha0=cfg.qadapter_alpha0, gamma=cfg.gamma, chi2=cfg.qadapter_chi2, num_pairs=denom,
+                         num_tokens=t["batch_tokens"])
+
+
 ALGORITHMS: dict[str, Algorithm] = {
     "reval": Algorithm(needs_reference=True, replay=True, needs_old_logp=False, per_token=False,
                        default_updates_per_round=2, compute=_reval),
@@ -60,6 +87,18 @@ ALGORITHMS: dict[str, Algorithm] = {
                              default_updates_per_round=2, compute=_tbrm),
     "grpo": Algorithm(needs_reference=False, replay=False, needs_old_logp=True, per_token=True,
                       default_updates_per_round=1, compute=_grpo),
+    # imitation: supervised on demonstrations (SFT), and IQ-Learn's MLE + TD term
+    "mle": Algorithm(needs_reference=False, replay=False, needs_old_logp=False, per_token=True,
+                     default_updates_per_round=1, compute=_mle, data="demonstrations"),
+    "iq": Algorithm(needs_reference=False, replay=False, needs_old_logp=False, per_token=True,
+                    default_updates_per_round=1, compute=_iq, data="demonstrations", all_values=True),
+    # preferences: DPO against the reference; Q-Adapter's residual Q on the frozen base
+    # (its "reference" is the base under the head, `reval.qhead`)
+    "dpo": Algorithm(needs_reference=True, replay=False, needs_old_logp=False, per_token=False,
+                     default_updates_per_round=1, compute=_dpo, data="preferences"),
+    "qadapter": Algorithm(needs_reference=True, replay=False, needs_old_logp=False, per_token=False,
+                          default_updates_per_round=1, compute=_qadapter, data="preferences", all_values=True),
 }
 
-__all__ = ["ALGORITHMS", "Algorithm", "grpo_advantage", "grpo_loss", "reval_loss", "tbrm_loss"]
+__all__ = ["ALGORITHMS", "Algorithm", "dpo_loss", "grpo_advantage", "grpo_loss", "iq_loss", "mle_loss",
+           "qadapter_loss", "reval_loss", "tbrm_loss"]
