@@ -1,7 +1,6 @@
 import random
 
 import pytest
-import torch
 
 from reval.buffer import ReplayBuffer, collate
 from reval.rollout import Experience

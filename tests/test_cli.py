@@ -1,7 +1,6 @@
 """Subprocess runs of the `reval` command, as a user would type them."""
 
 import json
-import re
 import subprocess
 import sys
 

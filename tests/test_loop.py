@@ -1,7 +1,6 @@
 """What the training loop feeds the loss: group statistics, truncation, replay choice."""
 
 import pytest
-import torch
 
 import reval.train as train_mod
 from reval.config import TrainConfig

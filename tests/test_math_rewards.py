@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from reval.rewards import (REWARDS, TimeLimitExceeded, correctness_reward, resolve_rewards, score,
+from reval.rewards import (REWARDS, correctness_reward, resolve_rewards, score,
                            time_limit)
 from reval.tasks.math import boxed_format_reward, make_math_verify_reward, math_verify_reward
 

@@ -1,10 +1,11 @@
 """The `reval` command: train, eval, demo, pretrain.
 
     reval train [--config FILE.yaml|PRESET] [--resume DIR] [--algo reval|tbrm|tbrm_replay|grpo] [--loss.beta ...]
+    reval train --algo mle|iq|dpo|qadapter --task.data FILE [--model.path DIR]
     reval eval --model DIR --data BENCH1.jsonl BENCH2.parquet --samples 16 --limit 100
     reval plot RUN [RUN ...] [--out FILE.png]
     reval demo [--task mul|add] [--out DIR]
-    reval pretrain [--task add|mul] [--out DIR]
+    reval pretrain [--task add|mul] [--loss mle|iq] [--data FILE --model DIR] [--out DIR]
 
 Each subcommand's flags come from its dataclass (`reval <cmd> --help`).
 """
@@ -21,11 +22,11 @@ import tyro
 
 USAGE = """usage: reval {train,eval,plot,demo,pretrain} [--help] [--version]
 
-  train     train with ReVal, TBRM or GRPO (reval train --help)
+  train     train with ReVal, TBRM or GRPO; or from data: MLE, IQ-Learn, DPO, Q-Adapter (reval train --help)
   eval      evaluate a model on benchmark files: greedy accuracy and avg@k, one row each
   plot      draw runs' accuracy and reward against answers generated and seconds (reval plot RUN [RUN ...])
   demo      ReVal vs GRPO on the mul task (--task add: the addition task), table + plot, minutes on a CPU
-  pretrain  rebuild the shipped warm-start model
+  pretrain  supervised warm start (MLE or IQ-Learn): rebuild a shipped model, or imitate your rows
 """
 
 
@@ -122,7 +123,8 @@ def _train(argv: list[str]) -> None:
 # loading of its own, and a file's (or a saved run's) values must become the defaults that
 # the flags then override (tyro's `default=`), with our own errors naming file and key. So
 # tyro cannot list the two: the description does.
-TRAIN_HELP = """Train with ReVal, TBRM or GRPO.
+TRAIN_HELP = """Train with ReVal, TBRM or GRPO from a reward; or from data: mle / iq on prompt-response
+rows, dpo / qadapter on prompt-chosen-rejected rows (--task.data FILE).
 
 Two options are read before the others:
   --config FILE.yaml|PRESET   start from a config file (YAML or JSON, keys as below) or a shipped

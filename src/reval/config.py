@@ -177,15 +177,16 @@ class LossConfig:
     """iq: weight of the temporal-difference term, lambda = 1/(4 alpha) of IQ-Learn's chi-squared
     regulariser; 0 is exactly MLE (docs/iq.md)."""
     gamma: float = 1.0
-    """iq, qadapter: discount of V(s_t+1) in the implied per-token reward Q(s_t, a_t) - gamma V(s_t+1)."""
+    """iq: discount of V(s_t+1) in the implied per-token reward Q(s_t, a_t) - gamma V(s_t+1);
+    qadapter: of V(s_t) in Q(s_t, a_t) - gamma V(s_t) (the authors' form, docs/qadapter.md)."""
     label_smoothing: float = 0.0
     """dpo: probability that a preference label is flipped (conservative DPO); 0: TRL's default loss.
     dpo uses loss.beta as its KL strength (TRL's default is 0.1)."""
     qadapter_alpha: float = 1.0
-    """qadapter: temperature alpha~ of the customised policy, pi ~ exp((Q_res + alpha_0 log pi_base) / alpha~)."""
-    qadapter_alpha0: float = 1.0
-    """qadapter: weight alpha_0 of log pi_base in the customised policy (docs/qadapter.md: with a
-    zero-initialised residual, alpha_0 = alpha~ starts exactly at the base model)."""
+    """qadapter: temperature alpha~ of the customised policy, pi ~ pi_base exp(Q_res / alpha~) (the authors' 1)."""
+    qadapter_alpha0: float = 0.01
+    """qadapter: weight alpha_0 of log pi_base in the implied new reward, i.e. how much the base model's own
+    preferences count against the pairs (the authors' 0.01; alpha~ gives DPO's logit, docs/qadapter.md)."""
     qadapter_chi2: float = 0.1
     """qadapter: weight of the squared implied new reward per token (the authors' code: 0.1)."""
     sampler_weight_cap: float = 2.0
@@ -306,8 +307,6 @@ class TrainConfig:
             ("loss.qadapter_alpha0", self.loss.qadapter_alpha0 >= 0, ">= 0"),
             ("loss.qadapter_chi2", self.loss.qadapter_chi2 >= 0, ">= 0"),
             ("model.qadapter_hidden", self.model.qadapter_hidden >= 1, ">= 1"),
-            ("model.lora_rank", self.algo != "qadapter" or self.model.lora_rank == 0,
-             "0 with algo qadapter (its trainable module is the residual-Q head; the model stays frozen)"),
             ("loss.ref_reset_every", self.algo != "qadapter" or self.loss.ref_reset_every == 0,
              "0 with algo qadapter (the base model is the fixed prior)"),
             ("rollout.backend", self.rollout.backend == "hf" or self.algo in ("reval", "tbrm", "tbrm_replay", "grpo"),

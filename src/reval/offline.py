@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import random
 
-from reval.data import Demonstration, PreferencePair
+from reval.data import Demonstration, PreferencePair, Problem
 from reval.model import format_prompt
 from reval.rollout import Experience
 
@@ -32,9 +32,16 @@ def load_examples(cfg, kind: str, problems=None) -> list:
 
     From `task.data`, or for demonstrations without data the embedded task's training
     problems (each round then writes a fresh worked solution with the task's habitual
-    mistakes, as `reval pretrain` does). `problems` (the Python API) replaces both.
+    mistakes, as `reval pretrain` does). `problems` (the Python API) replaces both; question/answer
+    rows (`reval.data.Problem`) are refused there: they hold no response to learn from.
     """
-    if problems is not None:
+    if problems is not None:  # the Python API: records, or the embedded task's problems
+        want = PreferencePair if kind == "preferences" else Demonstration
+        for p in problems:  # question/answer rows (`reval.data.Problem`) hold no response to learn from
+            if not isinstance(p, want) and (kind == "preferences" or isinstance(p, Problem)):
+                raise ValueError(
+                    f"--algo {cfg.algo} learns from {kind}, got {type(p).__name__} {p!r:.80}: pass "
+                    f"reval.data.{want.__name__} records (reval.data.load_{kind} reads a file or dataset)")
         return list(problems)
     if cfg.task.data is not None:
         from reval.data import load_demonstrations, load_preferences
@@ -70,7 +77,9 @@ def to_experiences(examples: list, tokenizer, *, template: str, chat: bool, eos_
         prompt_ids = tuple(tokenizer(format_prompt(tokenizer, prompt, template, chat),
                                      add_special_tokens=False)["input_ids"])
         for text, reward in answers:
-            response_ids = tuple(tokenizer(text, add_special_tokens=False)["input_ids"]) + (eos_id,)
+            response_ids = tuple(tokenizer(text, add_special_tokens=False)["input_ids"])
+            if not response_ids or response_ids[-1] != eos_id:  # an answer ends with one EOS (TRL: the same)
+                response_ids += (eos_id,)
             out.append(Experience(prompt_ids, response_ids, reward, group_id=first_group_id + i,
                                   group_mean=sum(r for _, r in answers) / len(answers), group_std=0.0,
                                   version=version, round=round, truncated=False, uid=first_uid + len(out)))

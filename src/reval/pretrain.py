@@ -2,15 +2,27 @@
 
     reval pretrain --task add --out DIR     # the shipped reval/assets/warmstart (~16 min, 2 cores)
     reval pretrain --task mul --out DIR     # the shipped reval/assets/warmstart-mul
+    reval pretrain --task mul --loss iq --iq-lambda 0.1 --out DIR       # IQ-Learn instead of MLE
+    reval pretrain --data demos.jsonl --model DIR --steps 200 --out DIR2  # your prompt/response rows
 
-builds the character tokenizer and a randomly initialised Qwen2, then trains it on the
-task's training problems with worked solutions that contain the task's systematic
-mistakes (`reval.tasks`): dropped carries for `add` (each with probability 0.6), and
+builds the character tokenizer and a randomly initialised Qwen2 (or, with `--model`,
+continues from an existing model and its tokenizer), then trains it on the task's
+training problems with worked solutions that contain the task's systematic mistakes
+(`reval.tasks`): dropped carries for `add` (each with probability 0.6), and
 multiplication-fact slips plus dropped carries at many rates for `mul`. The model
 learns habits, not noise: greedy decoding follows them, sampling sometimes does the
 right thing, and RL has room to fix exactly that. Each shipped checkpoint is the output
 of this command with the task's defaults (`RECIPES`); `pretrain.json` next to it records
 the result, and for `mul` the rate of each kind of mistake.
+
+The loss is the training loop's own (`reval.losses.ALGORITHMS`, on a `collate`d batch of
+`reval.offline` demonstrations and `sequence_logprobs`): `--loss mle` (the default, the
+token-mean negative log-likelihood of the answer tokens, EOS included: the same maths as
+Hugging Face's labels loss the shipped models were trained with) or `--loss iq`
+(IQ-Learn: MLE plus `--iq-lambda` times the squared per-token reward the logits imply,
+docs/iq.md). `--data FILE` imitates your own prompt/response rows
+(`reval.data.load_demonstrations`) instead of the task's solutions; the final report then
+holds the last loss, not an accuracy (the rows have no reference answer to verify).
 """
 
 from __future__ import annotations
@@ -27,8 +39,14 @@ from typing import Literal
 import torch
 from tqdm import tqdm
 
+from reval import offline
+from reval.buffer import collate
+from reval.config import LossConfig
 from reval.evaluate import evaluate
-from reval.model import PROMPT_TEMPLATE, build_char_tokenizer, build_tiny_model, num_params
+from reval.logprobs import sequence_logprobs
+from reval.losses import ALGORITHMS
+from reval.model import (auto_prompt, build_char_tokenizer, build_tiny_model, load_model,
+                         num_params, resolve_template, use_chat_template)
 from reval.tasks import TASKS
 
 # Per task: the settings that rebuild its shipped warm start (fields left None below).
@@ -41,10 +59,24 @@ RECIPES: dict[str, dict] = {
 @dataclass
 class PretrainConfig:
     task: Literal["add", "mul"] = "add"
-    """Embedded task (`reval.tasks.TASKS`) whose flawed worked solutions are the training data."""
+    """Embedded task (`reval.tasks.TASKS`) whose flawed worked solutions are the training data
+    (without `data`), and whose recipe and evaluation apply."""
     out: Path | None = None
     """Directory to write the model and tokenizer to (HF format, safetensors);
-    default runs/warmstart-<task>."""
+    default runs/warmstart-<task> (with `data`: runs/pretrain-<data file name>)."""
+    model: str | None = None
+    """Continue from this model directory (or hub id) and its tokenizer instead of a fresh
+    tiny Qwen2 (`hidden` and `layers` then do not apply)."""
+    data: str | None = None
+    """Your prompt/response rows to imitate: a JSONL (or Parquet / CSV / dataset) read by
+    `reval.data.load_demonstrations`; None: the task's flawed worked solutions."""
+    loss: Literal["mle", "iq"] = "mle"
+    """mle: token-mean negative log-likelihood (the shipped warm starts); iq: IQ-Learn,
+    MLE plus iq_lambda x the mean squared implied per-token reward (docs/iq.md)."""
+    iq_lambda: float = 0.1
+    """iq: weight lambda = 1/(4 alpha) of the temporal-difference term (0 = MLE)."""
+    gamma: float = 1.0
+    """iq: discount of V(s_t+1) in the implied reward Q(s_t, a_t) - gamma V(s_t+1)."""
     steps: int | None = None
     """Optimizer steps; None: the task's recipe."""
     batch_size: int = 64
@@ -67,63 +99,87 @@ class PretrainConfig:
     """Seeds the model init, the data and the slips."""
 
     def resolved(self) -> "PretrainConfig":
-        """A copy with the task's recipe filled in where a field is None."""
+        """A copy with the task's recipe filled in where a field is None (checked)."""
+        if self.model is not None and (self.hidden is not None or self.layers is not None):
+            raise ValueError("--hidden / --layers size a fresh model; with --model the model's own size is used")
+        if self.iq_lambda < 0 or not 0 < self.gamma <= 1:
+            raise ValueError(f"--iq-lambda must be >= 0 (0 = MLE) and --gamma in (0, 1], got {self.iq_lambda} "
+                             f"and {self.gamma}")
         recipe = RECIPES[self.task]
+        out = self.out or Path(f"runs/pretrain-{Path(self.data).stem}" if self.data else f"runs/warmstart-{self.task}")
         return dataclasses.replace(
-            self, out=self.out or Path(f"runs/warmstart-{self.task}"),
-            **{k: recipe[k] if getattr(self, k) is None else getattr(self, k) for k in ("steps", "hidden", "layers")})
-
-
-def _encode(tokenizer, question: str, target: str) -> tuple[list[int], int]:
-    prompt = tokenizer(PROMPT_TEMPLATE.format(question=question), add_special_tokens=False)["input_ids"]
-    answer = tokenizer(target, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    return prompt + answer, len(prompt)
+            self, out=out, **{k: recipe[k] if getattr(self, k) is None and (k == "steps" or self.model is None)
+                              else getattr(self, k) for k in ("steps", "hidden", "layers")})
 
 
 def pretrain(cfg: PretrainConfig) -> dict:
     cfg = cfg.resolved()
     task = TASKS[cfg.task]
+    algo = ALGORITHMS[cfg.loss]  # the training loop's losses: mle_loss / iq_loss
+    loss_cfg = LossConfig(iq_lambda=cfg.iq_lambda, gamma=cfg.gamma)
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
-    tokenizer = build_char_tokenizer()
-    model = build_tiny_model(len(tokenizer), hidden=cfg.hidden, layers=cfg.layers, seed=cfg.seed)
-    problems = task.split("train", cfg.num_problems, seed=cfg.seed, digits=cfg.digits)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    if cfg.model is None:
+        tokenizer = build_char_tokenizer()
+        model = build_tiny_model(len(tokenizer), hidden=cfg.hidden, layers=cfg.layers, seed=cfg.seed)
+    else:
+        model, tokenizer = load_model(cfg.model)
+    # prompts exactly as `reval train` / `reval eval` format them for this model and data
+    chat = use_chat_template(tokenizer, "auto")
+    template = resolve_template(auto_prompt(chat, embedded=cfg.data is None))
+    if cfg.data is not None:
+        from reval.data import load_demonstrations
+
+        examples = load_demonstrations(cfg.data)
+        context = getattr(model.config, "max_position_embeddings", None)
+        long = context and offline.too_long(examples, tokenizer, template=template, chat=chat, context=context)
+        if long:
+            raise ValueError(f"{cfg.data}: example {long[0]} is {long[1]} tokens with its prompt, more than the "
+                             f"model's context of {context}; shorten or drop it")
+    else:  # each step writes fresh worked solutions (with the task's mistakes) for the drawn problems
+        examples = task.split("train", cfg.num_problems, seed=cfg.seed, digits=cfg.digits)
+    if len(examples) < cfg.batch_size:
+        raise ValueError(f"{len(examples)} training examples, fewer than --batch-size {cfg.batch_size}")
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01, betas=(0.9, 0.98))
     warmup = max(cfg.steps // 20, 1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warmup, 0.5 * (
         1 + math.cos(math.pi * min(s / cfg.steps, 1.0)))))
     model.train()
     start = time.time()
-    bar = tqdm(range(cfg.steps), desc="pretrain", dynamic_ncols=True)
+    metrics: dict = {}
+    bar = tqdm(range(cfg.steps), desc=f"pretrain ({cfg.loss})", dynamic_ncols=True)
     for step in bar:
-        seqs = [_encode(tokenizer, p.question, task.warmstart_solution(p, rng))
-                for p in rng.sample(problems, cfg.batch_size)]
-        T = max(len(s) for s, _ in seqs)
-        ids = torch.full((len(seqs), T), tokenizer.pad_token_id)
-        labels = torch.full((len(seqs), T), -100)  # loss on the answer tokens only
-        for i, (s, p) in enumerate(seqs):
-            ids[i, :len(s)] = torch.tensor(s)
-            labels[i, p:len(s)] = torch.tensor(s[p:])
-        loss = model(input_ids=ids, attention_mask=(labels != -100) | (ids != tokenizer.pad_token_id),
-                     labels=labels).loss
+        # B demonstrations, each prompt + answer + EOS, the loss on the answer tokens only
+        exps = offline.to_experiences(rng.sample(examples, cfg.batch_size), tokenizer, template=template, chat=chat,
+                                      eos_id=tokenizer.eos_token_id, version=step, round=step, first_group_id=0,
+                                      first_uid=0, task=task, rng=rng)
+        batch = collate(exps, tokenizer.pad_token_id)
+        # one forward of each row in full (no KV-cache sharing: the prompts rarely repeat)
+        logp, v = sequence_logprobs(model, batch, shared_prefix=False, all_values=algo.all_values)  # (B, H)
+        t = {"logp": logp, "v": v, "mask": batch.response_mask, "truncated": batch.truncated}
+        loss, metrics = algo.compute(t, loss_cfg, int(batch.response_mask.sum()))
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
         if step % 50 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}")
     model.eval()
-    report = task.split(cfg.eval_split, cfg.eval_problems, seed=0, digits=cfg.digits)
-    if cfg.task == "mul":  # which mistakes it makes, greedy and sampled, and how often (None: correct)
+    if cfg.data is not None:  # the rows have no reference answer: report the last step's losses
+        result: dict = {"last_step": {"loss": loss.item(), **metrics}}
+    elif cfg.task == "mul":  # which mistakes it makes, greedy and sampled, and how often (None: correct)
         from reval.tasks.multiply import mistake_rates
 
+        report = task.split(cfg.eval_split, cfg.eval_problems, seed=0, digits=cfg.digits)
         mistakes = mistake_rates(model, tokenizer, report, max_new_tokens=task.max_new_tokens)
         result = {"accuracy": mistakes["greedy"]["None"], "mean@8": mistakes["sampled@8"]["None"],
                   "mistakes": mistakes}
     else:
+        report = task.split(cfg.eval_split, cfg.eval_problems, seed=0, digits=cfg.digits)
         result = evaluate(model, tokenizer, [p.question for p in report], [p.answer for p in report], samples=8,
-                          max_new_tokens=task.max_new_tokens)
+                          max_new_tokens=task.max_new_tokens, template=template, chat=chat)
     result.update(params=num_params(model), seconds=round(time.time() - start, 1), config=asdict(cfg))
     cfg.out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(cfg.out)

@@ -1,19 +1,23 @@
 """Q-Adapter's residual-Q module: a head on the frozen model that changes its logits.
 
 Q-Adapter (arXiv 2407.03856, docs/qadapter.md) reads the pre-trained model pi_base as the
-soft-optimal policy of an unknown reward and learns a residual Q-function Q_res for a new
-reward; the customised policy is
+soft-optimal policy of an unknown reward and learns a Q-function Q for the new preference;
+the customised policy is pi(a|s) = softmax_a((Q(s, a) + alpha_0 log pi_base(a|s)) / alpha~).
+The authors' adapter starts Q at the base model's own logits. We split that start off:
 
-    pi(a|s) = softmax_a( (Q_res(s, a) + alpha_0 log pi_base(a|s)) / alpha~ )
+    Q(s, a) = (alpha~ - alpha_0) log pi_base(a|s) + Q_res(s, a)
+    =>  log pi(a|s) = log_softmax_a( log pi_base(a|s) + Q_res(s, a) / alpha~ )
 
-`QAdapterHead` replaces the model's output projection with exactly that: the base
-projection (frozen), its log-softmax, and Q_res = a small MLP of the last hidden state whose
-output layer starts at zero, so before training (and with alpha_0 = alpha~) the customised
-policy IS the base model. Because the head is the model's output projection, generation
-(`reval.rollout`, `reval eval`), the loss's log-probs (`reval.logprobs`) and the KV cache work
-unchanged: one forward pass gives both policies. With the residual switched off
-(`residual_off`) the head returns the base logits, which is how the trainer's reference
-(`reval.reference.Reference`) reads log pi_base without a second copy of the weights.
+so the learned module Q_res starts at exactly zero and the customised policy starts exactly
+at the base model, whatever alpha_0 (which then only weighs the base in the implied reward,
+`reval.losses.qadapter`). `QAdapterHead` replaces the model's output projection with exactly
+that: the base projection (frozen), its log-softmax, and Q_res = a small MLP of the last
+hidden state whose output layer starts at zero. Because the head is the model's output
+projection, generation (`reval.rollout`, `reval eval`), the loss's log-probs
+(`reval.logprobs`) and the KV cache work unchanged: one forward pass gives both policies.
+With the residual switched off (`residual_off`) the head returns the base logits, which is
+how the trainer's reference (`reval.reference.Reference`) reads log pi_base without a second
+copy of the weights.
 
 On disk a Q-Adapter model is the base model's HF directory plus `qadapter.json` (sizes and
 alphas) and `qadapter.safetensors` (the head's weights); `reval.model.load_model` puts the
@@ -48,22 +52,23 @@ class QAdapterHead(torch.nn.Module):
 
     def q_res(self, hidden: torch.Tensor) -> torch.Tensor:
         """(..., V) the residual Q-function of each next token."""
-        return self.down(torch.nn.functional.silu(self.up(hidden))).float()
+        # the head keeps its own dtype (float32) when the model runs in bfloat16
+        return self.down(torch.nn.functional.silu(self.up(hidden.to(self.up.weight.dtype)))).float()
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.base(hidden).float()  # (..., V)
         if not self.residual:
             return logits
-        return (self.alpha0 * torch.log_softmax(logits, -1) + self.q_res(hidden)) / self.alpha
+        return torch.log_softmax(logits, -1) + self.q_res(hidden) / self.alpha
 
     @contextlib.contextmanager
     def residual_off(self):
         """Inside: the head is the base model's projection (log-probs of pi_base)."""
-        self.residual = False
+        before, self.residual = self.residual, False
         try:
             yield
         finally:
-            self.residual = True
+            self.residual = before  # nested uses leave the outer one off
 
     def config(self) -> dict:
         return {"width": self.width, "alpha": self.alpha, "alpha0": self.alpha0}
@@ -85,24 +90,37 @@ def attach_qadapter(model, width: int = 64, alpha: float = 1.0, alpha0: float = 
     return head
 
 
-def save_qadapter(model, directory: Path, **kwargs) -> None:
-    """The base model (a loadable HF directory) plus the head's config and weights."""
+def save_qadapter(model, directory: Path, state_dict: dict | None = None, **kwargs) -> None:
+    """The base model (a loadable HF directory) plus the head's config and weights.
+
+    `state_dict`: the model's full weights gathered from FSDP / ZeRO-3 shards (the live
+    modules then hold only shards); it is split into the head's tensors and the base's,
+    whose output projection gets back its plain name (`lm_head.base.weight` -> `lm_head.weight`).
+    """
     from safetensors.torch import save_file
 
     head = model.get_output_embeddings()
     directory = Path(directory)
+    if state_dict is None:
+        own = {k: v for k, v in head.state_dict().items() if not k.startswith("base.")}
+    else:
+        prefix = next(n for n, m in model.named_modules() if m is head) + "."  # e.g. "lm_head."
+        base = prefix + "base."
+        own = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix) and not k.startswith(base)}
+        kwargs["state_dict"] = {(prefix + k[len(base):] if k.startswith(base) else k): v
+                                for k, v in state_dict.items() if not k.startswith(prefix) or k.startswith(base)}
     model.set_output_embeddings(head.base)  # the plain model, as it was loaded
     try:
         model.save_pretrained(directory, **kwargs)
     finally:
         model.set_output_embeddings(head)
     (directory / CONFIG).write_text(json.dumps(head.config(), indent=2) + "\n")
-    save_file({k: v.detach().contiguous().cpu() for k, v in head.state_dict().items()
-               if not k.startswith("base.")}, str(directory / WEIGHTS))
+    save_file({k: v.detach().contiguous().cpu() for k, v in own.items()}, str(directory / WEIGHTS))
 
 
 def load_qadapter(model, directory: Path) -> QAdapterHead:
     """Put back the head saved in `directory` (see `save_qadapter`)."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     directory = Path(directory)
@@ -114,7 +132,7 @@ def load_qadapter(model, directory: Path) -> QAdapterHead:
         if missing:
             raise KeyError(f"no tensors {sorted(missing)}")
         head.load_state_dict(weights, strict=False)
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as e:
         raise OSError(f"{directory}: the Q-Adapter head ({CONFIG}, {WEIGHTS}) is unreadable "
                       f"({type(e).__name__}: {e}); write it again with reval train --algo qadapter") from None
     model.requires_grad_(False)

@@ -250,11 +250,11 @@ def _load(cfg: TrainConfig, path: str | Path, tokenizer_path: str | Path | None 
 def _load_policy(cfg: TrainConfig, ckpt: Path | None, start_path):
     """The policy (LoRA-wrapped if configured, or with a Q-Adapter head) and tokenizer, from the
     start or a checkpoint."""
+    if not ckpt and (Path(start_path) / "qadapter.json").is_file():
+        raise ValueError(f"{start_path} is a Q-Adapter (base model + qadapter.json): train from its base "
+                         "model instead (a directory without qadapter.json / qadapter.safetensors)")
     if cfg.model.lora_rank == 0:
         model, tokenizer = _load(cfg, ckpt / "model" if ckpt else start_path)
-        if is_qadapter(model) and (cfg.algo != "qadapter" or not ckpt):
-            raise ValueError(f"{start_path} is a Q-Adapter (base model + qadapter.json): train from its base "
-                             "model instead (a directory without qadapter.json / qadapter.safetensors)")
         if cfg.algo == "qadapter":  # the base is frozen; only the residual-Q head learns
             head = model.get_output_embeddings() if ckpt else attach_qadapter(
                 model, cfg.model.qadapter_hidden, cfg.loss.qadapter_alpha, cfg.loss.qadapter_alpha0)

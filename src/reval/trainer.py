@@ -80,7 +80,9 @@ def _set(cfg: TrainConfig, dotted: str, value: Any) -> None:
 
 
 class ReValTrainer:
-    """Train a model with ReVal (or `args.algo`: TBRM, GRPO) on a dataset with reward functions.
+    """Train a model with ReVal (or `args.algo`: TBRM, GRPO) on a dataset with reward functions,
+    or with an offline algorithm (mle, iq: prompt / response rows; dpo, qadapter: prompt /
+    chosen / rejected rows, no reward functions) on demonstrations or preference pairs.
 
     - `model`: a directory or hub id, or a `PreTrainedModel` (with its tokenizer as
       `processing_class`; both are saved to `<output_dir>/start-model` so the run can resume).
@@ -122,9 +124,15 @@ class ReValTrainer:
     def _problems(self, dataset, split: str):
         if dataset is None:
             return None
-        from reval.data import load_problems
+        from reval.data import load_demonstrations, load_preferences, load_problems
+        from reval.losses import ALGORITHMS
 
         task = self.args.task
+        kind = ALGORITHMS[self.args.algo].data if self.args.algo in ALGORITHMS else "rollout"
+        if split == "train" and kind == "demonstrations":  # prompt / response rows
+            return load_demonstrations(dataset, prompt_field=task.question_field, response_field=task.answer_field)
+        if split == "train" and kind == "preferences":  # prompt / chosen / rejected rows
+            return load_preferences(dataset, prompt_field=task.question_field)
         return load_problems(dataset, preset=task.preset, question_field=task.question_field,
                              answer_field=task.answer_field, split=split)
 

@@ -35,7 +35,9 @@ def mle_loss(logp: torch.Tensor, mask: torch.Tensor, *,
     """
     n = num_tokens or mask.sum().clamp(min=1)
     nll = -(logp * mask).sum() / n
-    return nll, {"loss/nll": nll.item()}
+    with torch.no_grad():  # this micro-batch's own token mean (`update` averages micro-batches)
+        metric = -(logp * mask).sum() / mask.sum().clamp(min=1)
+    return nll, {"loss/nll": metric.item()}
 
 
 def iq_loss(logp: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, *, iq_lambda: float,
@@ -55,7 +57,8 @@ def iq_loss(logp: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, *, iq_lambd
     """
     n = num_tokens or mask.sum().clamp(min=1)
     q = logp + v  # (B, T) Q(s_t, a_t)
-    v_next = torch.cat([v[:, 1:], torch.zeros_like(v[:, :1])], 1)  # (B, T); 0 past the last token
+    # (B, T) V(s_t+1): 0 after the last real token (masked, so whatever v holds on padding)
+    v_next = torch.cat([(v * mask)[:, 1:], torch.zeros_like(v[:, :1])], 1)
     reward = q - gamma * v_next  # (B, T) r_t, implied per-token reward
     td_mask = mask
     if truncated is not None and bool(truncated.any()):
@@ -66,9 +69,10 @@ def iq_loss(logp: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, *, iq_lambd
     nll = -(logp * mask).sum() / n
     td = (reward.pow(2) * td_mask).sum() / n
     loss = nll + iq_lambda * td if iq_lambda else nll
-    with torch.no_grad():
+    with torch.no_grad():  # this micro-batch's own token means (`update` averages micro-batches)
         m = mask.sum().clamp(min=1)
-        metrics = {"loss/nll": nll.item(), "loss/td": td.item(),
+        metrics = {"loss/nll": (-(logp * mask).sum() / m).item(),
+                   "loss/td": ((reward.pow(2) * td_mask).sum() / m).item(),
                    "q/reward_mean": ((reward * mask).sum() / m).item(),
                    "q/v_mean": ((v * mask).sum() / m).item()}
     return loss, metrics

@@ -1,0 +1,100 @@
+"""Shared plumbing of the offline-algorithm studies (iq_study.py, preference_study.py).
+
+Each training run is a child process (`python STUDY.py child --job FILE`), `workers` at a
+time, one thread each; a run whose result file exists is skipped, so an interrupted stage
+continues where it stopped. A run trains with `reval.train.train` from a dotted config,
+keeps only its final model, and the study evaluates that model with `generations`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from statistics import mean
+
+from reval.config import TrainConfig
+from reval.demo import set_field
+
+
+def launch(script: str, jobs: list[dict], workers: int = 2, fresh: bool = False) -> list[dict]:
+    """Run every job (a dict with at least "result") in a child process of `script`."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+
+    def one(job: dict) -> None:
+        if Path(job["result"]).exists() and not fresh:
+            return
+        Path(job["result"]).parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+            json.dump(job, f)
+        proc = subprocess.run([sys.executable, script, "child", "--job", f.name], stderr=subprocess.PIPE,
+                              text=True, env=env)
+        Path(f.name).unlink()
+        if proc.returncode != 0:
+            raise RuntimeError(f"run {job['name']} failed:\n{proc.stderr[-3000:]}")
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        list(pool.map(one, jobs))
+    return [json.loads(Path(job["result"]).read_text()) for job in jobs]
+
+
+def train_run(config: dict, run_dir: Path, **kwargs) -> Path:
+    """Train from a dotted config ({"algo": "dpo", "optim.lr": 1e-4, ...}); the final model's directory."""
+    from reval.train import train
+
+    shutil.rmtree(run_dir, ignore_errors=True)
+    tc = TrainConfig(out=run_dir, progress=False, checkpoint_every=0, keep_checkpoints=1, report_to="none")
+    for key, value in config.items():
+        set_field(tc, key, value)
+    train(tc, **kwargs)
+    return sorted((run_dir / "checkpoints").glob("round-*"))[-1] / "model"
+
+
+def generations(model_dir, questions: list[str], *, samples: int = 0, max_new_tokens: int = 48,
+                seed: int = 0, batch_size: int = 200) -> list[list[str]]:
+    """Per question: the greedy answer (samples = 0) or `samples` answers at temperature 1."""
+    import torch
+
+    from reval.model import PROMPT_TEMPLATE, eos_token_ids, format_prompt, load_model
+    from reval.rollout import generate
+
+    adapter = Path(model_dir) / "adapter_config.json"
+    if adapter.exists():  # a LoRA checkpoint: its base model plus the adapter, merged
+        from peft import PeftModel
+
+        base = json.loads(adapter.read_text())["base_model_name_or_path"]
+        model, tok = load_model(base, tokenizer_path=model_dir)
+        model = PeftModel.from_pretrained(model, model_dir).merge_and_unload()
+    else:
+        model, tok = load_model(model_dir)
+    model.eval()
+    torch.manual_seed(seed)
+    out: list[list[str]] = []
+    for start in range(0, len(questions), batch_size):
+        prompts = [format_prompt(tok, q, PROMPT_TEMPLATE) for q in questions[start:start + batch_size]]
+        s = generate(model, tok, prompts, samples_per_prompt=max(samples, 1), greedy=samples == 0,
+                     max_new_tokens=max_new_tokens, eos_token_ids=eos_token_ids(model, tok))
+        texts = tok.batch_decode(s.response_ids, skip_special_tokens=True)
+        k = max(samples, 1)
+        out += [texts[i:i + k] for i in range(0, len(texts), k)]
+    return out
+
+
+def mean_sd(values: list[float]) -> dict:
+    """Mean, min, max and the values themselves, for a results table."""
+    return {"mean": mean(values), "min": min(values), "max": max(values), "values": values}
+
+
+def child_main(run_job) -> None:
+    """The `child --job FILE` entry point: run the job and write its result file."""
+    job = json.loads(Path(sys.argv[sys.argv.index("--job") + 1]).read_text())
+    result = run_job(job)
+    result["job"] = job
+    Path(job["result"]).write_text(json.dumps(result, indent=1) + "\n")
+    print(f"  {job['name']}: " + ", ".join(f"{k} {v:.3f}" for k, v in result.items()
+                                            if isinstance(v, float)), flush=True)
