@@ -216,7 +216,12 @@ def _eval(argv: list[str]) -> None:
     verifier = resolve_rewards([args.reward if args.reward != "auto" else auto])[0]
     generator = None
     if args.backend == "vllm":
+        from reval.qhead import is_qadapter
         from reval.rollout_vllm import VLLMGenerator
+
+        if is_qadapter(model):  # vLLM would load the base weights alone and score the base model
+            raise ValueError(f"--backend vllm cannot run a Q-Adapter's residual-Q head ({model_path}/qadapter.json); "
+                             "evaluate it with --backend hf")
 
         generator = VLLMGenerator(str(model_path), tokenizer, dtype=args.dtype,
                                   eos_token_ids=eos_token_ids(model, tokenizer))

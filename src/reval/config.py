@@ -23,6 +23,7 @@ from reval.tasks import TASKS
 # reval.losses (torch) is imported where it is needed, so `reval train --help` and argument
 # errors answer before torch loads; its registry's names (a test keeps the two equal):
 ALGORITHM_NAMES = ("reval", "tbrm", "tbrm_replay", "grpo", "mle", "iq", "dpo", "qadapter")
+OFFLINE_ALGORITHMS = ("mle", "iq", "dpo", "qadapter")  # a round is drawn from data, not sampled
 TRACKERS = ("tensorboard", "wandb", "mlflow")
 
 
@@ -294,6 +295,7 @@ class TrainConfig:
         inf), and every field typed with a fixed set of choices must hold one of them (the
         command line checks both; a config file or the Python API does not).
         """
+        offline = self.algo in OFFLINE_ALGORITHMS
         checks = [
             ("algo", self.algo in ALGORITHM_NAMES, f"one of {sorted(ALGORITHM_NAMES)}"),
             ("seed", 0 <= self.seed <= MAX_SEED, f"in [0, {MAX_SEED}]"),
@@ -309,8 +311,13 @@ class TrainConfig:
             ("model.qadapter_hidden", self.model.qadapter_hidden >= 1, ">= 1"),
             ("loss.ref_reset_every", self.algo != "qadapter" or self.loss.ref_reset_every == 0,
              "0 with algo qadapter (the base model is the fixed prior)"),
-            ("rollout.backend", self.rollout.backend == "hf" or self.algo in ("reval", "tbrm", "tbrm_replay", "grpo"),
+            ("rollout.backend", self.rollout.backend == "hf" or not offline,
              "hf for the offline algorithms (mle, iq, dpo, qadapter generate only to evaluate)"),
+            ("rollout.sync_every", self.rollout.sync_every == 1 or not offline,
+             "1 for the offline algorithms (they sample nothing to train on)"),
+            ("loss.gamma", self.loss.gamma == 1 or self.algo != "qadapter" or self.model.lora_rank == 0,
+             "1 for qadapter with LoRA (the adapted model's raw logsumexp carries an arbitrary per-state "
+             "offset that gamma < 1 would turn into reward)"),
             ("loss.clip_high", self.loss.clip_high >= 0, ">= 0"),
             ("loss.ref_reset_every", self.loss.ref_reset_every >= 0, ">= 0 (0 = never)"),
             ("loss.ref_reset_unit", self.loss.ref_reset_unit in ("rounds", "updates"), "rounds or updates"),
@@ -319,7 +326,7 @@ class TrainConfig:
              "0 (off) or >= 1"),
             ("buffer.updates_per_round", self.buffer.updates_per_round is None or self.buffer.updates_per_round >= 1,
              ">= 1 (or unset for the algorithm's default)"),
-            ("buffer.capacity", self.buffer.capacity >= self.batch_size,
+            ("buffer.capacity", offline or self.buffer.capacity >= self.batch_size,
              f">= one round of answers (prompts_per_round x samples_per_prompt = {self.batch_size})"),
             ("rollout.prompts_per_round", self.rollout.prompts_per_round >= 1, ">= 1"),
             ("rollout.samples_per_prompt", self.rollout.samples_per_prompt >= 1, ">= 1"),
@@ -335,7 +342,8 @@ class TrainConfig:
             ("optim.micro_batch_size", self.optim.micro_batch_size >= 1, ">= 1"),
             ("rounds", self.rounds >= 1, ">= 1"),
             ("task.digits", 2 <= self.task.digits <= 12, "in [2, 12]"),
-            ("task.num_train", self.task.num_train >= self.rollout.prompts_per_round,
+            ("task.num_train", (offline and self.task.data is not None)
+             or self.task.num_train >= self.rollout.prompts_per_round,
              ">= rollout.prompts_per_round"),
             ("eval.every", self.eval.every >= 0, ">= 0"),
             ("eval.samples", self.eval.samples >= 0, ">= 0"),

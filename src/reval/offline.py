@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import random
 
-from reval.data import Demonstration, PreferencePair, Problem
+from reval.data import Demonstration, PreferencePair
 from reval.model import format_prompt
 from reval.rollout import Experience
 
@@ -37,8 +37,8 @@ def load_examples(cfg, kind: str, problems=None) -> list:
     """
     if problems is not None:  # the Python API: records, or the embedded task's problems
         want = PreferencePair if kind == "preferences" else Demonstration
-        for p in problems:  # question/answer rows (`reval.data.Problem`) hold no response to learn from
-            if not isinstance(p, want) and (kind == "preferences" or isinstance(p, Problem)):
+        for p in problems:  # e.g. question/answer rows (`reval.data.Problem`): no response to learn from
+            if not isinstance(p, want):
                 raise ValueError(
                     f"--algo {cfg.algo} learns from {kind}, got {type(p).__name__} {p!r:.80}: pass "
                     f"reval.data.{want.__name__} records (reval.data.load_{kind} reads a file or dataset)")

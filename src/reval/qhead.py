@@ -14,7 +14,7 @@ at the base model, whatever alpha_0 (which then only weighs the base in the impl
 that: the base projection (frozen), its log-softmax, and Q_res = a small MLP of the last
 hidden state whose output layer starts at zero. Because the head is the model's output
 projection, generation (`reval.rollout`, `reval eval`), the loss's log-probs
-(`reval.logprobs`) and the KV cache work unchanged: one forward pass gives both policies.
+(`reval.logprobs`) and the KV cache work unchanged: generation runs one forward per token.
 With the residual switched off (`residual_off`) the head returns the base logits, which is
 how the trainer's reference (`reval.reference.Reference`) reads log pi_base without a second
 copy of the weights.

@@ -51,7 +51,7 @@ from reval import offline
 from reval.model import (add_lora, auto_prompt, default_model_path, eos_token_ids, format_prompt, load_model,
                          prompts_too_long, resolve_template, use_chat_template)
 from reval.offline import ROWS_PER_EXAMPLE
-from reval.qhead import attach_qadapter, is_qadapter
+from reval.qhead import attach_qadapter
 from reval.reference import RefCache, Reference
 from reval.rewards import resolve_rewards, reward_name, score
 from reval.rollout import HFGenerator, to_experiences
@@ -306,6 +306,8 @@ def _datasets(cfg: TrainConfig, problems, eval_problems, kind: str = "rollout") 
 
     fields = {"preset": cfg.task.preset, "question_field": cfg.task.question_field,
               "answer_field": cfg.task.answer_field}
+    if kind != "rollout":  # the field names are the demonstrations' / pairs'; eval rows are the preset's
+        fields = {"preset": cfg.task.preset}
     if kind == "rollout":
         train_set = problems or load_problems(cfg.task.data, **fields)
     if eval_problems is not None:  # [] (the Python API without an eval_dataset): no evaluation
@@ -439,6 +441,9 @@ def _train(cfg: TrainConfig, accelerator, resume: bool, problems, eval_problems,
     reward_errors: dict[str, str] = {}  # the first failure of each reward function, shown once
     verifier = reward_fns[0]
     eos_ids = eos_token_ids(model, tokenizer)
+    if offline_data and tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no EOS token, which ends every demonstration and answer; "
+                         "set tokenizer.eos_token in the model directory")
     if offline_data:
         long = offline.too_long(train_set, tokenizer, template=template, chat=chat,
                                 context=model.config.max_position_embeddings)
@@ -604,8 +609,9 @@ def _train(cfg: TrainConfig, accelerator, resume: bool, problems, eval_problems,
                         f"{bad_updates} updates in a row had a non-finite loss, gradient or weights "
                         f"(round {rnd}); stopping. Last good checkpoint: {last or 'none'}. "
                         "Lower optim.lr or raise loss.beta, then resume or restart.")
-                m["buffer/staleness_mean"] = (counters["updates"] - batch.version.float()).mean().item()
-                m["buffer/staleness_max"] = float((counters["updates"] - batch.version).max())
+                if not offline_data:  # the data of an offline run has no policy version
+                    m["buffer/staleness_mean"] = (counters["updates"] - batch.version.float()).mean().item()
+                    m["buffer/staleness_max"] = float((counters["updates"] - batch.version).max())
                 upd_metrics.append(m)
                 if m["perf/skipped"]:
                     continue  # the weights did not change: same policy version, no reset
@@ -624,24 +630,8 @@ def _train(cfg: TrainConfig, accelerator, resume: bool, problems, eval_problems,
             counters["round"] += 1
 
             # 7. log / eval / checkpoint
-            rec = {"round": counters["round"], "samples": counters["samples"], "seconds": counters["seconds"],
-                   "updates": counters["updates"], "q/ref_version": counters["ref_version"],
-                   "perf/generate_seconds": t_gen, "perf/update_seconds": t_upd}
-            if offline_data:
-                rec["data/response_len"] = sum(len(e.response_ids) for e in fresh) / len(fresh)
-            else:
-                r = torch.tensor([x for x in rewards if x is not None] or [0.0])
-                rec.update({"rollout/reward_mean": r.mean().item(),
-                            "rollout/response_len": sum(map(len, samples.response_ids)) / len(samples.response_ids),
-                            "rollout/truncated_frac": sum(samples.truncated) / len(samples.truncated),
-                            "rollout/reward_failures": reward_failures,
-                            "rollout/groups_all_same": _groups_all_same(fresh),
-                            "rollout/sampler_lag": counters["updates"] - counters["sampler_version"],
-                            "buffer/size": len(buffer) * world})
-            for key in (upd_metrics[0] if upd_metrics else {}):  # mean over the K updates
-                rec[key] = sum(m[key] for m in upd_metrics) / len(upd_metrics)
-            if upd_metrics:
-                rec["buffer/staleness_max"] = max(m["buffer/staleness_max"] for m in upd_metrics)
+            rec = _round_record(counters, fresh, upd_metrics, t_gen, t_upd) if offline_data else _round_record(
+                counters, fresh, upd_metrics, t_gen, t_upd, samples, rewards, reward_failures, len(buffer) * world)
             if logger is not None:  # rank 0's rollout statistics stand for all ranks
                 logger.log(rec)
             if not offline_data:  # no signal: every group's answers alike (one answer per prompt: every answer alike)
@@ -836,6 +826,30 @@ def _unscored_message(cfg: TrainConfig, reward_names, columns: dict, rounds: int
             f"{cfg.rollout.reward_timeout:g}s is too short; or the data lacks a column it needs (it gets "
             f"{', '.join(columns)}). Try it on a few answers; rollout.max_unscored_rounds sets how many "
             "such rounds stop the run.")
+
+
+def _round_record(counters: dict, fresh, upd_metrics: list[dict], t_gen: float, t_upd: float, samples=None,
+                  rewards=None, reward_failures: int = 0, buffer_size: int = 0) -> dict:
+    """A round's metrics line: counters, the data (sampled answers, or with `samples` None the
+    offline examples), and the mean over its K updates."""
+    rec = {"round": counters["round"], "samples": counters["samples"], "seconds": counters["seconds"],
+           "updates": counters["updates"], "perf/generate_seconds": t_gen, "perf/update_seconds": t_upd}
+    if samples is None:
+        rec["data/response_len"] = sum(len(e.response_ids) for e in fresh) / len(fresh)
+    else:
+        r = torch.tensor([x for x in rewards if x is not None] or [0.0])
+        rec.update({"rollout/reward_mean": r.mean().item(),
+                    "rollout/response_len": sum(map(len, samples.response_ids)) / len(samples.response_ids),
+                    "rollout/truncated_frac": sum(samples.truncated) / len(samples.truncated),
+                    "rollout/reward_failures": reward_failures,
+                    "rollout/groups_all_same": _groups_all_same(fresh),
+                    "rollout/sampler_lag": counters["updates"] - counters["sampler_version"],
+                    "buffer/size": buffer_size, "q/ref_version": counters["ref_version"]})
+    for key in (upd_metrics[0] if upd_metrics else {}):  # mean over the K updates
+        rec[key] = sum(m[key] for m in upd_metrics) / len(upd_metrics)
+    if upd_metrics and samples is not None:
+        rec["buffer/staleness_max"] = max(m["buffer/staleness_max"] for m in upd_metrics)
+    return rec
 
 
 def _groups_all_same(experiences) -> float:

@@ -114,6 +114,11 @@ class ReValTrainer:
             if processing_class is None:
                 raise ValueError("ReValTrainer: pass the model's tokenizer as processing_class= when model "
                                  "is a PreTrainedModel (or pass the model's directory instead)")
+            from reval.qhead import is_qadapter
+
+            if is_qadapter(model):
+                raise ValueError("ReValTrainer: the model carries a Q-Adapter head; pass its base model (or the "
+                                 "directory it was saved to, which load_model reads with the head)")
             self._model = (model, processing_class)
         self.train_problems = self._problems(train_dataset, "train")
         self.eval_problems = self._problems(eval_dataset, "test")
@@ -129,6 +134,8 @@ class ReValTrainer:
 
         task = self.args.task
         kind = ALGORITHMS[self.args.algo].data if self.args.algo in ALGORITHMS else "rollout"
+        if kind != "rollout" and split != "train":  # evaluation rows: question / answer, the preset's names
+            return load_problems(dataset, preset=task.preset, split=split)
         if split == "train" and kind == "demonstrations":  # prompt / response rows
             return load_demonstrations(dataset, prompt_field=task.question_field, response_field=task.answer_field)
         if split == "train" and kind == "preferences":  # prompt / chosen / rejected rows
