@@ -164,7 +164,7 @@ def report(out: Path) -> dict:
     summary = {"base": base, "tuning": tuning, "sft": {}, "rl": {}}
     keys = ("accuracy", "sampled_accuracy", "distinct_answers", "distinct_solutions")
     for m in tuning["grid"]:
-        runs = [json.loads(p.read_text()) for p in sorted((out / "raw" / "run").glob(f"{m}-*.json"))]
+        runs = [json.loads(p.read_text()) for p in sorted((out / "raw" / "run").glob(f"{m}-lr*.json"))]
         summary["sft"][m] = {"lr": tuning["best_lr"][m], **{k: mean_sd([r[k] for r in runs]) for k in keys}}
         rl = out / "raw" / "rl" / f"{m}-s0.json"
         if rl.exists():

@@ -55,16 +55,13 @@ def train_run(config: dict, run_dir: Path, **kwargs) -> Path:
     return sorted((run_dir / "checkpoints").glob("round-*"))[-1] / "model"
 
 
-def generations(model_dir, questions: list[str], *, samples: int = 0, max_new_tokens: int = 48,
-                seed: int = 0, batch_size: int = 200) -> list[list[str]]:
-    """Per question: the greedy answer (samples = 0) or `samples` answers at temperature 1."""
-    import torch
-
-    from reval.model import PROMPT_TEMPLATE, eos_token_ids, format_prompt, load_model
-    from reval.rollout import generate
+def load(model_dir):
+    """(model, tokenizer) of a run's final model: a HF directory (with a Q-Adapter head if it has
+    one), or a LoRA checkpoint, whose adapter is merged into the base model it names."""
+    from reval.model import load_model
 
     adapter = Path(model_dir) / "adapter_config.json"
-    if adapter.exists():  # a LoRA checkpoint: its base model plus the adapter, merged
+    if adapter.exists():
         from peft import PeftModel
 
         base = json.loads(adapter.read_text())["base_model_name_or_path"]
@@ -72,7 +69,41 @@ def generations(model_dir, questions: list[str], *, samples: int = 0, max_new_to
         model = PeftModel.from_pretrained(model, model_dir).merge_and_unload()
     else:
         model, tok = load_model(model_dir)
-    model.eval()
+    return model.eval(), tok
+
+
+def pair_margins(model_dir, pairs: list[dict]) -> list[float]:
+    """log pi(chosen | prompt) - log pi(rejected | prompt) under the model, per pair (EOS included)."""
+    import torch
+
+    from reval import offline
+    from reval.buffer import collate
+    from reval.data import PreferencePair
+    from reval.logprobs import sequence_logprobs
+    from reval.model import PROMPT_TEMPLATE
+
+    model, tok = load(model_dir)
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(pairs), 32):
+            chunk = [PreferencePair(**p) for p in pairs[start:start + 32]]
+            exps = offline.to_experiences(chunk, tok, template=PROMPT_TEMPLATE, chat=False, eos_id=tok.eos_token_id,
+                                          version=0, round=0, first_group_id=0, first_uid=0)
+            for i in range(0, len(exps), 2):  # one pair per batch: collate reorders rows by prompt
+                logp, _ = sequence_logprobs(model, collate(exps[i:i + 2], tok.pad_token_id))
+                out.append(float(logp[0].sum() - logp[1].sum()))
+    return out
+
+
+def generations(model_dir, questions: list[str], *, samples: int = 0, max_new_tokens: int = 48,
+                seed: int = 0, batch_size: int = 200) -> list[list[str]]:
+    """Per question: the greedy answer (samples = 0) or `samples` answers at temperature 1."""
+    import torch
+
+    from reval.model import PROMPT_TEMPLATE, eos_token_ids, format_prompt
+    from reval.rollout import generate
+
+    model, tok = load(model_dir)
     torch.manual_seed(seed)
     out: list[list[str]] = []
     for start in range(0, len(questions), batch_size):

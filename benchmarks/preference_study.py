@@ -41,7 +41,7 @@ from pathlib import Path
 from statistics import mean
 
 sys.path.insert(0, str(Path(__file__).parent))
-from offline_common import child_main, generations, launch, mean_sd, train_run  # noqa: E402
+from offline_common import child_main, generations, launch, mean_sd, pair_margins, train_run  # noqa: E402
 
 from reval.tasks import TASKS  # noqa: E402
 from reval.tasks.arithmetic import num_carries, verify  # noqa: E402
@@ -50,8 +50,9 @@ OUT = Path("benchmarks/results/preferences")
 # method -> (algo, LoRA rank): the paper trains every method as a LoRA adapter (rank 8, alpha 16);
 # qadapter-head is our residual-Q head on the frozen model (docs/qadapter.md)
 METHODS = {"sft": ("mle", 8), "dpo": ("dpo", 8), "qadapter": ("qadapter", 8), "qadapter-head": ("qadapter", 0)}
-LRS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
+LRS = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3)
 ROUNDS, PAIRS_PER_ROUND, NUM_PAIRS = 96, 16, 512
+MIX = 0.1  # share of the base's supervised solutions written in the new layout
 SEEDS = (0, 1, 2)
 OLD = re.compile(r"(?:[^|\n]+\|)*\\boxed\{([^{}\n]*)\}")
 NEW = re.compile(r"(?:[^|\n]+\|)*Answer: ([^\n|]*)")
@@ -71,6 +72,12 @@ def correct(text: str, answer: str) -> bool:
     return m.group(1).strip() == answer if m else verify(text, answer)
 
 
+def either_layout_reward(completions: list[str], answer: list[str], **columns) -> list[float]:
+    """The base's RL reward: a correct final answer in either layout (the task's own verifier
+    reads only \\boxed{N} here, and would teach the base to drop the new layout)."""
+    return [1.0 if correct(c, a) else 0.0 for c, a in zip(completions, answer)]
+
+
 def scores(texts: list[str], answers: list[str]) -> dict:
     fmt = [NEW.fullmatch(t) is not None for t in texts]
     ok = [correct(t, a) for t, a in zip(texts, answers)]
@@ -86,48 +93,74 @@ def problems(split: str, n: int, carries: bool):
 
 
 def score(res: dict) -> float:
-    """The tuning criterion: learnt the preference where it was taught (correct answers in the new
-    layout on problems like the pairs') times kept what it knew (accuracy on the held problems)."""
-    return res["like_pairs"]["both"] * res["held"]["accuracy"]
+    """The tuning criterion: learnt the preference (share of held-out pairs like the training ones
+    whose chosen answer the model finds likelier) times kept what it knew (greedy accuracy on the
+    held problems)."""
+    return res["like_pairs"]["pair_accuracy"] * res["held"]["accuracy"]
 
 
-def evaluate(model: Path, split: str, quick: bool) -> dict:
+def evaluate(model: Path, work: Path, split: str, quick: bool) -> dict:
     """Scores on the held problems (with carries) and on problems like the pairs' (no carries)."""
     n = 20 if quick else (100 if split == "validation" else 200)
     res = {}
     for name, carries in (("held", True), ("like_pairs", False)):
         evals = problems(split, n, carries)
         texts = [t[0] for t in generations(model, [p.question for p in evals])]
-        res[name] = {**scores(texts, [p.answer for p in evals]), "examples": texts[:2]}
+        pairs = [json.loads(line) for line in (work / f"pairs-{split}-{name}.jsonl").read_text().splitlines()]
+        margins = pair_margins(model, pairs)
+        res[name] = {**scores(texts, [p.answer for p in evals]),
+                     "pair_accuracy": float(mean(m > 0 for m in margins)), "pair_margin": float(mean(margins)),
+                     "examples": texts[:2]}
     return res
 
 
 # -- stages -------------------------------------------------------------------------------------
 
 def base(work: Path, quick: bool) -> Path:
+    """ReVal trains the shipped `add` warm start until it solves the task; then a short supervised
+    pass on 4000 of its own answers, MIX of them rewritten in the new layout, teaches it that the
+    layout exists (a minority habit, as a style the preference data will ask for)."""
     model = work / "base-model"
     if (model / "config.json").exists():
         return model
-    final = train_run({"algo": "reval", "task.name": "add", "rounds": 2 if quick else 10, "optim.lr": 3e-4,
-                       "buffer.updates_per_round": 2, "eval.every": 0, "seed": 0}, work / "runs" / "base",
-                      eval_problems=[])
+    solved = train_run({"algo": "reval", "task.name": "add", "rounds": 2 if quick else 10, "optim.lr": 3e-4,
+                        "buffer.updates_per_round": 2, "eval.every": 0, "seed": 0}, work / "runs" / "reval",
+                       eval_problems=[])
+    probs = TASKS["add"].split("train", 20_000, seed=0)[: 256 if quick else 4000]
+    rng = random.Random(0)
+    demos = [{"prompt": p.question, "response": new_layout(t) if rng.random() < MIX and new_layout(t) else t}
+             for p, (t,) in zip(probs, generations(solved, [p.question for p in probs], samples=1, seed=2))]
+    (work / "mix.jsonl").write_text("".join(json.dumps(d) + "\n" for d in demos))
+    final = train_run({"algo": "mle", "task.data": str(work / "mix.jsonl"), "model.path": str(solved),
+                       "rounds": 4 if quick else 100, "rollout.prompts_per_round": 64, "optim.lr": 1e-3,
+                       "eval.every": 0, "seed": 0}, work / "runs" / "mix")
     shutil.copytree(final, model)
-    shutil.rmtree(work / "runs" / "base")
+    shutil.rmtree(work / "runs")
     return model
+
+
+def pair_rows(model: Path, probs: list, seed: int) -> tuple[list[dict], list[list[str]]]:
+    """One sample of the model per problem, as a pair: the sample in the new layout over the sample."""
+    texts = generations(model, [p.question for p in probs], samples=1, seed=seed)
+    rows = [{"prompt": p.question, "chosen": new_layout(t), "rejected": t} for p, (t,) in zip(probs, texts)
+            if new_layout(t) is not None]
+    return rows, texts
 
 
 def data(out: Path, work: Path, model: Path, quick: bool) -> Path:
     pairs_file = work / "pairs.jsonl"
+    for split in ("validation", "test"):  # held-out pairs, to measure the preference as a ranking
+        for name, carries in (("held", True), ("like_pairs", False)):
+            path = work / f"pairs-{split}-{name}.jsonl"
+            if not path.exists():
+                n = 20 if quick else (100 if split == "validation" else 200)
+                rows, _ = pair_rows(model, problems(split, n, carries), seed=1)
+                path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     if pairs_file.exists():
         return pairs_file
     no_carry = [p for p in TASKS["add"].split("train", 20_000, seed=0) if num_carries(p.a, p.b) == 0]
     train = random.Random(1).sample(no_carry, 64 if quick else NUM_PAIRS)
-    texts = generations(model, [p.question for p in train], samples=1, seed=0)
-    rows = []
-    for p, (text,) in zip(train, texts):
-        chosen = new_layout(text)
-        if chosen is not None:
-            rows.append({"prompt": p.question, "chosen": chosen, "rejected": text})
+    rows, texts = pair_rows(model, train, seed=0)
     pairs_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
     (work / "sft.jsonl").write_text("".join(json.dumps({"prompt": r["prompt"], "response": r["chosen"]}) + "\n"
                                            for r in rows))
@@ -154,16 +187,16 @@ def run_job(j: dict) -> dict:
     if j["method"] == "dpo":
         config["loss.beta"] = 0.1  # TRL's default
     final = train_run(config, Path(j["run_dir"]))
-    res = evaluate(final, j["split"], j["quick"])
+    res = evaluate(final, Path(j["work"]), j["split"], j["quick"])
     shutil.rmtree(j["run_dir"])
     return {**res, "score": score(res)}
 
 
-def evaluate_base(out: Path, model: Path, quick: bool) -> dict:
+def evaluate_base(out: Path, work: Path, model: Path, quick: bool) -> dict:
     path = out / "raw" / "base.json"
     if path.exists():
         return json.loads(path.read_text())
-    res = {split: evaluate(model, split, quick) for split in ("validation", "test")}
+    res = {split: evaluate(model, work, split, quick) for split in ("validation", "test")}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(res, indent=1) + "\n")
     return res
@@ -172,8 +205,8 @@ def evaluate_base(out: Path, model: Path, quick: bool) -> dict:
 def tune(out: Path, work: Path, workers: int, fresh: bool, quick: bool) -> dict:
     jobs = [job(out, work, "tune", m, lr, 0, quick) for m in METHODS for lr in (LRS[1:3] if quick else LRS)]
     results = launch(__file__, jobs, workers, fresh)
-    grid = {m: {f"{r['job']['lr']:g}": {"score": r["score"], "like_pairs": r["like_pairs"]["both"],
-                                        "held_accuracy": r["held"]["accuracy"], "held_format": r["held"]["format"]}
+    grid = {m: {f"{r['job']['lr']:g}": {"score": r["score"], "pair_accuracy": r["like_pairs"]["pair_accuracy"],
+                                        "held_accuracy": r["held"]["accuracy"], "like_format": r["like_pairs"]["format"]}
                 for r in results if r["job"]["method"] == m} for m in METHODS}
     best = {m: max(g, key=lambda lr: (g[lr]["score"], g[lr]["held_accuracy"])) for m, g in grid.items()}
     tuning = {"grid": grid, "best_lr": {m: float(lr) for m, lr in best.items()}}
@@ -191,34 +224,39 @@ def report(out: Path) -> dict:
     tuning = json.loads((out / "tuning.json").read_text())
     summary = {"base": base_res, "data": json.loads((out / "data.json").read_text()), "tuning": tuning,
                "test": {}}
-    keys = ("format", "accuracy", "both")
+    keys = ("pair_accuracy", "pair_margin", "format", "accuracy", "both")
     for m in METHODS:
-        runs = [json.loads(p.read_text()) for p in sorted((out / "raw" / "run").glob(f"{m}-*.json"))]
+        runs = [json.loads(p.read_text()) for p in sorted((out / "raw" / "run").glob(f"{m}-lr*.json"))]
         summary["test"][m] = {"lr": tuning["best_lr"][m], **{
             f"{where}/{k}": mean_sd([r[where][k] for r in runs]) for where in ("held", "like_pairs") for k in keys}}
         summary["test"][m]["held_accuracy_lost"] = \
             base_res["test"]["held"]["accuracy"] - summary["test"][m]["held/accuracy"]["mean"]
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     pct = lambda x: f"{100 * x:.1f}%"  # noqa: E731
-    lines = ["Test split, greedy; mean of seeds 0-2 (per seed in brackets). Held: 200 problems with carries; "
-             "like the pairs: 200 without.", "",
-             "| method (lr) | held: new layout | held: accuracy | held: correct + new layout | accuracy lost "
-             "| like the pairs: new layout | like the pairs: accuracy |",
+    lines = ["Test split, mean of seeds 0-2 (per seed in brackets). Pairs: held-out pairs built like the training "
+             "ones (200 problems without carries; held: 200 with carries); the model prefers the chosen answer "
+             "when it finds it likelier. Greedy answers on the same problems: new layout, accuracy.", "",
+             "| method (lr) | prefers chosen: like the pairs | prefers chosen: held | held accuracy (greedy) "
+             "| accuracy lost | new layout, greedy: like the pairs / held | like the pairs: accuracy |",
              "|---|---|---|---|---|---|---|"]
     b = base_res["test"]
-    lines.append(f"| base (ReVal-trained) | {pct(b['held']['format'])} | {pct(b['held']['accuracy'])} | "
-                 f"{pct(b['held']['both'])} | | {pct(b['like_pairs']['format'])} | {pct(b['like_pairs']['accuracy'])} |")
+    lines.append(f"| base (ReVal-trained) | {pct(b['like_pairs']['pair_accuracy'])} | {pct(b['held']['pair_accuracy'])} "
+                 f"| {pct(b['held']['accuracy'])} | | {pct(b['like_pairs']['format'])} / {pct(b['held']['format'])} | "
+                 f"{pct(b['like_pairs']['accuracy'])} |")
     for m, t in summary["test"].items():
         cell = lambda k: f"{pct(t[k]['mean'])} ({', '.join(f'{100 * v:.0f}' for v in t[k]['values'])})"  # noqa: E731
-        lines.append(f"| {m} ({t['lr']:g}) | {cell('held/format')} | {cell('held/accuracy')} | {cell('held/both')} "
-                     f"| {100 * t['held_accuracy_lost']:.1f} pts | {cell('like_pairs/format')} | "
+        lines.append(f"| {m} ({t['lr']:g}) | {cell('like_pairs/pair_accuracy')} | {cell('held/pair_accuracy')} | "
+                     f"{cell('held/accuracy')} | {100 * t['held_accuracy_lost']:.1f} pts | "
+                     f"{pct(t['like_pairs/format']['mean'])} / {pct(t['held/format']['mean'])} | "
                      f"{cell('like_pairs/accuracy')} |")
     lrs = list(tuning["grid"][next(iter(METHODS))])
-    grid = ["", "Validation (seed 0, 100 problems of each kind): score (like the pairs: correct + new layout / "
-            "held: accuracy), by learning rate:", "", "| method | " + " | ".join(lrs) + " |", "|---|" + "---|" * len(lrs)]
+    grid = ["", "Validation (seed 0, 100 problems / pairs of each kind): score = prefers chosen (like the pairs) x "
+            "held accuracy, with (prefers chosen / held accuracy / new layout where taught), by learning rate:", "",
+            "| method | " + " | ".join(lrs) + " |", "|---|" + "---|" * len(lrs)]
     for m, g in tuning["grid"].items():
-        grid.append(f"| {m} | " + " | ".join(f"{100 * v['score']:.0f}% ({100 * v['like_pairs']:.0f} / "
-                                             f"{100 * v['held_accuracy']:.0f})" for v in g.values()) + " |")
+        grid.append(f"| {m} | " + " | ".join(f"**{100 * v['score']:.0f}%** ({100 * v['pair_accuracy']:.0f} / "
+                                             f"{100 * v['held_accuracy']:.0f} / {100 * v['like_format']:.0f})"
+                                             for v in g.values()) + " |")
     (out / "summary.md").write_text("\n".join(lines + grid) + "\n")
     print("\n".join(lines + grid))
     return summary
@@ -241,7 +279,7 @@ def main() -> None:
     if a.stage != "report":
         model = base(work, a.quick)
         data(out, work, model, a.quick)
-        evaluate_base(out, model, a.quick)
+        evaluate_base(out, work, model, a.quick)
         tuning = tune(out, work, a.workers, a.fresh, a.quick) if a.stage in ("all", "tune") else \
             json.loads((out / "tuning.json").read_text())
         if a.stage in ("all", "run"):

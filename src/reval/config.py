@@ -174,7 +174,7 @@ class LossConfig:
     ref_cache: bool = True
     """Keep the reference's log-probs of stored answers until a reset makes them stale (one
     reference pass per answer instead of one per use); off: recompute at every use."""
-    iq_lambda: float = 0.1
+    iq_lambda: float = 0.01
     """iq: weight of the temporal-difference term, lambda = 1/(4 alpha) of IQ-Learn's chi-squared
     regulariser; 0 is exactly MLE (docs/iq.md)."""
     gamma: float = 1.0

@@ -2,7 +2,7 @@
 
     reval pretrain --task add --out DIR     # the shipped reval/assets/warmstart (~16 min, 2 cores)
     reval pretrain --task mul --out DIR     # the shipped reval/assets/warmstart-mul
-    reval pretrain --task mul --loss iq --iq-lambda 0.1 --out DIR       # IQ-Learn instead of MLE
+    reval pretrain --task mul --loss iq --iq-lambda 0.01 --out DIR       # IQ-Learn instead of MLE
     reval pretrain --data demos.jsonl --model DIR --steps 200 --out DIR2  # your prompt/response rows
 
 builds the character tokenizer and a randomly initialised Qwen2 (or, with `--model`,
@@ -73,7 +73,7 @@ class PretrainConfig:
     loss: Literal["mle", "iq"] = "mle"
     """mle: token-mean negative log-likelihood (the shipped warm starts); iq: IQ-Learn,
     MLE plus iq_lambda x the mean squared implied per-token reward (docs/iq.md)."""
-    iq_lambda: float = 0.1
+    iq_lambda: float = 0.01
     """iq: weight lambda = 1/(4 alpha) of the temporal-difference term (0 = MLE)."""
     gamma: float = 1.0
     """iq: discount of V(s_t+1) in the implied reward Q(s_t, a_t) - gamma V(s_t+1)."""
