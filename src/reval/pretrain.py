@@ -23,6 +23,8 @@ Hugging Face's labels loss the shipped models were trained with) or `--loss iq`
 docs/iq.md). `--data FILE` imitates your own prompt/response rows
 (`reval.data.load_demonstrations`) instead of the task's solutions; the final report then
 holds the last loss, not an accuracy (the rows have no reference answer to verify).
+`reval pretrain` runs on the CPU in float32, for the tiny models; for a real model, imitate
+with `reval train --algo iq|mle --task.data FILE --model.path DIR` (GPU, LoRA, bf16, resume).
 """
 
 from __future__ import annotations
