@@ -229,7 +229,8 @@ def load_problems(source: Any, *, preset: str = "qa", question_field: str | None
     a_field = answer_field or schema.answer_field
     name, rows = _open(source, split)
     stop = limit if limit_mode == "first" else None  # random: every row is read (and checked)
-    problems = _collect(name, rows, schema, q_field, a_field, stop, skip_bad_rows, fix_hint)
+    problems = _collect_rows(name, rows, lambda row: _problem(row, schema, q_field, a_field), stop, skip_bad_rows,
+                             fix_hint)
     if limit_mode == "random" and limit is not None and len(problems) > limit:
         # Indices drawn over all usable rows, then sorted: the subsample depends only on the
         # seed and the data, never on how the rows were read, and keeps the file's order.
@@ -473,12 +474,6 @@ def _csv_rows(path: Path, name: str) -> Iterator[Row]:
 
 
 # --- from rows to problems -------------------------------------------------------------------
-
-def _collect(name: str, rows: Iterable[Row], schema: Preset, q_field: str, a_field: str,
-             limit: int | None, skip_bad_rows: bool, fix_hint: str) -> list[Problem]:
-    return _collect_rows(name, rows, lambda row: _problem(row, schema, q_field, a_field), limit, skip_bad_rows,
-                         fix_hint)
-
 
 def _collect_rows(name: str, rows: Iterable[Row], read: Callable[[dict[str, Any]], Any], limit: int | None,
                   skip_bad_rows: bool, fix_hint: str) -> list:
