@@ -1,7 +1,7 @@
 """Peak memory of the log-prob computation: full-vocabulary logits vs chunked projection.
 
-    python benchmarks/logprob_memory.py            # defaults: CPU, B=1 x T=2048, ~4 min on 2 cores
-    python benchmarks/logprob_memory.py --device cuda --batch 4 --chunks none,256,1024,4096
+    python benchmarks/logprob_memory.py            # defaults: CPU, B=1 x T=2048, ~6 min on 2 cores
+    python benchmarks/logprob_memory.py --device cuda --batch 4 --chunks none,ckpt256,256,1024,4096
 
 A tiny Qwen2 (hidden 64, 2 layers) with Qwen2.5's 151,936-token vocabulary, B random
 sequences of 128 prompt + (seq - 128) response tokens, fp32. Each configuration does one
@@ -11,14 +11,19 @@ response, v = V(s_1) = logsumexp at the first response position):
   hf      `model(input_ids, attention_mask).logits`, then log_softmax + gather (what most
           trainers do: (B, T, V) logits, then a (B, T, V) log-softmax kept for backward)
   none    `sequence_logprobs(chunk_size=None)`: whole sequence projected at once
-  <n>     `sequence_logprobs(chunk_size=n)`: n positions at a time, checkpointed per chunk
+  ckpt<n> `sequence_logprobs(chunk_size=n, fused=False)`: n positions at a time, each chunk
+          under torch.utils.checkpoint (the only chunked path before the fused head; these
+          rows are the old `<n>` rows)
+  <n>     `sequence_logprobs(chunk_size=n)`: the fused head, n positions at a time, one
+          chunk's logits alive in forward and backward
 
 Every configuration runs in a fresh subprocess (no allocator cache carried over) and is
 warmed up on one 136-token sequence first, so one-time library setup is not counted. Reported:
 peak RSS (ru_maxrss, reset through /proc/self/clear_refs right before the step so the
 model build's own peak is not counted) and its increment over the RSS right before the step,
-wall seconds, and on CUDA the increment of torch.cuda.max_memory_allocated. The parent then
-checks that every configuration's logp, v and gradients match the `none` reference.
+wall seconds, and on CUDA the increment of torch.cuda.max_memory_allocated, each also as a
+ratio to the `hf` row. The parent then checks that every configuration's logp, v and
+gradients match the `none` reference.
 """
 
 from __future__ import annotations
@@ -89,8 +94,9 @@ def worker(args) -> None:
     model = build_tiny_model(args.vocab, hidden=64, layers=2, heads=4, max_len=args.seq).to(dev).train()
     batch, small = (make_batch(args.vocab, b, t) for b, t in ((args.batch, args.seq), (1, PROMPT + 8)))
     batch, small = (type(b)(**{k: v.to(dev) for k, v in vars(b).items()}) for b in (batch, small))
+    chunk = None if args.worker in ("hf", "none") else int(args.worker.removeprefix("ckpt"))
     run = hf_logprobs if args.worker == "hf" else (
-        lambda m, b: sequence_logprobs(m, b, None if args.worker == "none" else int(args.worker), shared_prefix=False))
+        lambda m, b: sequence_logprobs(m, b, chunk, shared_prefix=False, fused=not args.worker.startswith("ckpt")))
     logp, v = run(model, small)  # warm-up on 136 tokens: one-time kernel/thread-pool setup
     (logp.sum(1) + v).pow(2).mean().backward()
     model.zero_grad(set_to_none=True)
@@ -122,7 +128,8 @@ def main() -> None:
     p.add_argument("--vocab", type=int, default=151936)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--seq", type=int, default=2048, help="tokens per sequence (128 prompt + rest response)")
-    p.add_argument("--chunks", default="none,256,1024", help="chunk sizes; 'none' = unchunked")
+    p.add_argument("--chunks", default="none,ckpt1024,ckpt256,1024,256,128",
+                   help="chunk sizes: n = fused head, ckpt<n> = checkpointed chunks, 'none' = unchunked")
     p.add_argument("--no-hf", action="store_true", help="skip the HF-forward baseline")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default="benchmarks/results/logprob_memory.json")
@@ -153,22 +160,27 @@ def main() -> None:
             d = torch.load(dumps[row["config"]])
             row["max_abs_diff"] = {k: float((d[k] - ref[k]).abs().max()) for k in ref}
             row["max_abs_ref"] = {k: float(ref[k].abs().max()) for k in ref}
-            at_once = args.seq - 1 if row["config"] in ("hf", "none") else min(int(row["config"]), args.seq - 1)
+            at_once = args.seq - 1 if row["config"] in ("hf", "none") else \
+                min(int(row["config"].removeprefix("ckpt")), args.seq - 1)
             row["logits_at_once_gib"] = args.batch * at_once * args.vocab * 4 / GiB  # one chunk's fp32 logits
 
     cuda = "cuda_peak_incr_gib" in rows[0]
     key = "cuda_peak_incr_gib" if cuda else "rss_incr_gib"
-    head = f"{'config':>7} {'peak RSS':>9} {'RSS incr':>9} " + ("CUDA incr " if cuda else "") + \
-        f"{'x chunk':>7} {'wall s':>7} {'sys s':>6} {'|dlogp|':>8} {'|dv|':>8} {'rel dgrad':>9}"
+    hf = next((r[key] for r in rows if r["config"] == "hf"), None)
+    for r in rows:
+        r["ratio_to_hf"] = r[key] / hf if hf else None  # of the CUDA increment on CUDA, else of RSS
+    head = f"{'config':>8} {'peak RSS':>9} {'RSS incr':>9} " + ("CUDA incr " if cuda else "") + \
+        f"{'x chunk':>7} {'x hf':>5} {'wall s':>7} {'sys s':>6} {'|dlogp|':>8} {'|dv|':>8} {'rel dgrad':>9}"
     print(head + "\n" + "-" * len(head))
     for r in rows:
         dg = max(v / r["max_abs_ref"][k] for k, v in r["max_abs_diff"].items() if k in GRADS)
-        print(f"{r['config']:>7} {r['rss_peak_gib']:8.2f}G {r['rss_incr_gib']:8.2f}G "
+        print(f"{r['config']:>8} {r['rss_peak_gib']:8.2f}G {r['rss_incr_gib']:8.2f}G "
               + (f"{r['cuda_peak_incr_gib']:8.2f}G " if cuda else "")
-              + f"{r[key] / r['logits_at_once_gib']:7.1f} {r['wall_s']:7.1f} {r['cpu_sys_s']:6.1f} "
+              + f"{r[key] / r['logits_at_once_gib']:7.1f} "
+              + (f"{r['ratio_to_hf']:5.3f} " if hf else f"{'-':>5} ") + f"{r['wall_s']:7.1f} {r['cpu_sys_s']:6.1f} "
               + f"{r['max_abs_diff']['logp']:8.1e} {r['max_abs_diff']['v']:8.1e} {dg:9.1e}")
-    print("(memory in GiB; x chunk = increment / fp32 logits of one chunk (B*chunk*V*4); |dlogp|, |dv| = max"
-          " abs difference vs 'none'; rel dgrad = max abs grad difference / max abs grad, GRADS)")
+    print("(memory in GiB; x chunk = increment / fp32 logits of one chunk (B*chunk*V*4); x hf = increment / hf's;"
+          " |dlogp|, |dv| = max abs difference vs 'none'; rel dgrad = max abs grad difference / max abs grad, GRADS)")
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -186,11 +198,15 @@ def main() -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    fig, ax = plt.subplots(figsize=(5, 3), dpi=80)
-    ax.bar([r["config"] for r in rows], [r[key] for r in rows], color="tab:blue")
+    fig, ax = plt.subplots(figsize=(7, 3.2), dpi=80)
+    ax.bar([r["config"] for r in rows], [r[key] for r in rows],
+           color=["tab:gray" if r["config"] in ("hf", "none") or r["config"].startswith("ckpt") else "tab:blue"
+                  for r in rows])
     ax.axhline(logits_gib, color="tab:red", ls="--", label=f"one fp32 logits tensor ({logits_gib:.2f} GiB)")
-    ax.set(xlabel="config (hf / chunk_size)", ylabel=f"peak {'CUDA' if cuda else 'RSS'} increment (GiB)",
+    ax.set(xlabel="config (hf / chunk_size: ckpt = checkpointed, else fused)",
+           ylabel=f"peak {'CUDA' if cuda else 'RSS'} increment (GiB)",
            title=f"log-probs fwd+bwd, B={args.batch} T={args.seq} V={args.vocab}")
+    ax.tick_params(axis="x", labelsize=8)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out.with_suffix(".png"))

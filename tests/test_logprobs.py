@@ -1,5 +1,6 @@
 """The loss path recomputes exactly the log-probs the sampler used; chunking changes nothing."""
 
+import pytest
 import torch
 
 from reval.buffer import collate
@@ -96,3 +97,146 @@ def test_shared_prefill_samples_what_num_return_sequences_samples(tiny):
         out.append(generate(model, tok, prompts, samples_per_prompt=4, max_new_tokens=12, shared_prefix=shared))
     assert out[0].response_ids == out[1].response_ids and out[0].prompt_ids == out[1].prompt_ids
     assert len(set(map(tuple, out[0].response_ids))) > 1  # they are samples, not copies
+
+
+# -- the fused head (reval.logprobs.fused_logprobs) --------------------------------------
+
+def _big_vocab_batch(vocab: int, response_lengths=(9, 3, 14, 1)):
+    """Random answers of different lengths to prompts of different lengths (padding both
+    sides); the second row's mask is cleared, so one row lies wholly outside it."""
+    from reval.rollout import Experience
+
+    g = torch.Generator().manual_seed(1)
+    exps = []
+    for i, n in enumerate(response_lengths):
+        ids = torch.randint(3, vocab, (5 + i + n,), generator=g).tolist()
+        exps.append(Experience(tuple(ids[:5 + i]), tuple(ids[5 + i:]), reward=0.0, group_id=i, group_mean=0.0,
+                               group_std=1.0, version=0, round=0, truncated=False))
+    batch = collate(exps, pad_id=0)
+    batch.response_mask[1] = 0
+    return batch
+
+
+def _vocab_model(head: str, vocab: int = 3000):
+    """A 1-layer Qwen2 with `vocab` tokens; its head tied to the embeddings, untied, untied
+    with a bias, or tied and frozen (as LoRA leaves it: only the hidden states need a gradient)."""
+    from reval.model import build_tiny_model
+
+    model = build_tiny_model(vocab, hidden=32, layers=1, heads=2)
+    if head == "frozen":
+        model.lm_head.weight.requires_grad_(False)
+    elif head != "tied":
+        model.config.tie_word_embeddings = False
+        linear = torch.nn.Linear(32, vocab, bias=head == "bias")
+        with torch.no_grad():
+            linear.weight.copy_(model.lm_head.weight + 0.01 * torch.randn_like(linear.weight))
+        model.lm_head = linear
+    return model
+
+
+def _logprobs_and_grads(model, batch, fused: bool, autocast: bool, all_values: bool, chunk: int = 4):
+    """logp, V and every gradient of a loss with per-token weights on logp and V^2 on V."""
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        logp, v = sequence_logprobs(model, batch, chunk_size=chunk, all_values=all_values, fused=fused)
+    weights = torch.randn(logp.shape, generator=torch.Generator().manual_seed(2))
+    ((logp * weights).sum() + v.pow(2).sum()).backward()
+    return logp.detach(), v.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+@pytest.mark.parametrize("head", ["tied", "untied", "bias", "frozen"])
+@pytest.mark.parametrize("all_values", [False, True])
+def test_fused_head_equals_checkpointed_chunks(head, autocast, all_values):
+    """Log-probs and V are bit-identical to the checkpointed chunks (fp32 and bf16 autocast).
+    Gradients: fp32 to 1e-7 relative (measured; the head weight's chunk sums are added in
+    another order). Under bf16 the hidden states' gradients are still equal to 1e-6 and the
+    head weight's to bf16 rounding (measured <= 6e-3 of its largest entry): the checkpointed
+    path adds the chunks' weight gradients in bf16 (autocast casts the weight once for all
+    chunks), the fused path in fp32 (see the next test)."""
+    model = _vocab_model(head)
+    batch = _big_vocab_batch(3000)
+    ref = _logprobs_and_grads(model, batch, fused=False, autocast=autocast, all_values=all_values)
+    got = _logprobs_and_grads(model, batch, fused=True, autocast=autocast, all_values=all_values)
+    assert torch.equal(ref[0], got[0]) and torch.equal(ref[1], got[1])
+    assert (got[0][1] == 0).all() and got[0][2].ne(0).all()  # the cleared row and the longest one
+    head_params = {"lm_head.weight", "lm_head.bias", "model.embed_tokens.weight"}
+    for name, want in ref[2].items():
+        if autocast and name in head_params:
+            assert (got[2][name] - want).abs().max() <= 1e-2 * want.abs().max(), name
+        else:
+            torch.testing.assert_close(got[2][name], want, rtol=1e-6, atol=1e-6 * want.abs().max().item(),
+                                       msg=name)
+
+
+def test_fused_head_sums_chunks_in_fp32_under_autocast():
+    """Under bf16 autocast the fused head weight gradient is the fp32 sum of each chunk's
+    own (bf16 matmul) gradient, to 1e-6; with a single chunk every gradient is bit-identical
+    to the checkpointed path's."""
+    from reval.logprobs import fused_logprobs
+
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(3, 40, 32), torch.randn(3000, 32, requires_grad=True)
+    targets = torch.randint(0, 3000, (3, 40))
+    dlogp, dv = torch.randn(3, 40), torch.randn(3, 40)
+
+    def grad(cols: slice, chunk: int):
+        weight.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logp, v = fused_logprobs(hidden[:, cols], weight, None, targets[:, cols], chunk)
+        ((logp * dlogp[:, cols]).sum() + (v * dv[:, cols]).sum()).backward()
+        return weight.grad.double()
+
+    per_chunk = sum(grad(slice(s, s + 4), 4) for s in range(0, 40, 4))
+    torch.testing.assert_close(grad(slice(None), 4), per_chunk, rtol=1e-6, atol=1e-6)
+
+    model, batch = _vocab_model("untied"), _big_vocab_batch(3000)
+    ref = _logprobs_and_grads(model, batch, fused=False, autocast=True, all_values=True, chunk=64)
+    got = _logprobs_and_grads(model, batch, fused=True, autocast=True, all_values=True, chunk=64)
+    assert all(torch.equal(got[2][n], g) for n, g in ref[2].items())
+
+
+def test_fused_head_without_grad_saves_nothing(monkeypatch):
+    """The reference pass (no_grad) takes the fused forward but not the autograd function."""
+    import reval.logprobs as lp
+
+    model, batch = _vocab_model("tied"), _big_vocab_batch(3000)
+    with torch.no_grad():
+        want = sequence_logprobs(model, batch, chunk_size=4, fused=False, all_values=True)
+    monkeypatch.setattr(lp._FusedLogProbs, "apply", lambda *a: pytest.fail("saved tensors without grad"))
+    with torch.no_grad():
+        got = sequence_logprobs(model, batch, chunk_size=4, all_values=True)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert got[0].grad_fn is None
+
+
+@pytest.mark.parametrize("wrap", ["lora", "qadapter"])
+def test_fused_head_falls_back_for_wrapped_heads(wrap, monkeypatch):
+    """A peft LoRA layer on the head and Q-Adapter's residual head are called as modules
+    (the checkpointed path); a plain Linear head takes the fused one."""
+    import reval.logprobs as lp
+    from reval.model import add_lora
+    from reval.qhead import attach_qadapter
+
+    used = []
+    fused = lp.fused_logprobs
+    monkeypatch.setattr(lp, "fused_logprobs", lambda *a: used.append(1) or fused(*a))
+    model, batch = _vocab_model("untied"), _big_vocab_batch(3000)
+    sequence_logprobs(model, batch, chunk_size=4)[0].sum().backward()
+    assert used == [1]
+    if wrap == "lora":
+        model = add_lora(model, rank=4, alpha=8, target_modules=["q_proj", "lm_head"])
+        torch.nn.init.normal_(model.base_model.model.lm_head.lora_B["default"].weight)  # B = 0 at the start
+    else:
+        attach_qadapter(model, width=8)
+        torch.nn.init.normal_(model.lm_head.down.weight)  # Q_res = 0 at the start
+    results = []
+    for chunk in (4, None):
+        model.zero_grad(set_to_none=True)
+        logp, v = sequence_logprobs(model, batch, chunk_size=chunk)
+        (logp.sum() + v.sum()).backward()
+        results.append((logp.detach(), [p.grad for p in model.parameters() if p.requires_grad]))
+    assert used == [1]
+    torch.testing.assert_close(results[0][0], results[1][0])
+    for a, b in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
