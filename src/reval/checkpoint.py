@@ -226,7 +226,10 @@ def save_checkpoint(run_dir: Path, round_: int, *, model, tokenizer, ref_model, 
         save(tmp / "model", **({"state_dict": model_state_dict} if model_state_dict else {}))
         tokenizer.save_pretrained(tmp / "model")
         if ref_model is not None:
-            (ref_model.save if hasattr(ref_model, "save") else ref_model.save_pretrained)(tmp / "reference")
+            if hasattr(ref_model, "save"):  # a `Reference`; a LoRA base comes from the gathered weights
+                ref_model.save(tmp / "reference", policy_state_dict=model_state_dict)
+            else:
+                ref_model.save_pretrained(tmp / "reference")
         save_state(state, tmp, "state")
         write_manifest(tmp)  # last: a checkpoint with a manifest has every part it lists
         _fsync_tree(tmp)
@@ -359,6 +362,8 @@ def _check_rank_part(state: dict, rank: int) -> None:
         if key not in state:
             raise CheckpointError(f"{where}: the {key} state is missing")
     opt = state["optimizer"]
+    if isinstance(opt, dict) and "optimizer_state_dict" in opt:  # DeepSpeed ZeRO's, around torch's
+        opt = opt["optimizer_state_dict"]
     if not isinstance(opt, dict) or "state" not in opt or "param_groups" not in opt:
         raise CheckpointError(f"{where}: the optimizer state is malformed")
     if state["counters"]["updates"] > 0 and not opt["state"]:

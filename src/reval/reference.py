@@ -42,6 +42,10 @@ class Reference:
         self.policy = policy
         self.copy = frozen_copy.eval().requires_grad_(False) if frozen_copy is not None else None
         self.autocast = autocast
+        # FSDP2 (set by the training loop): the sharded root module whose forward is
+        # `sequence_logprobs(policy, ...)`. The adapter-off pass goes through it, so that its hooks
+        # gather every unit's weights, those the root holds itself included.
+        self.root = None
 
     @torch.no_grad()
     def logprobs(self, batch, chunk_size: int | None = None, shared_prefix: bool = True):
@@ -54,18 +58,28 @@ class Reference:
                 logp, v = sequence_logprobs(self.copy, batch, chunk_size, shared_prefix)
             elif is_qadapter(self.policy):  # the frozen base under the residual-Q head
                 with self.policy.get_output_embeddings().residual_off():
-                    logp, v = sequence_logprobs(self.policy, batch, chunk_size, shared_prefix)
+                    logp, v = self._policy_logprobs(batch, chunk_size, shared_prefix)
             else:
                 with self.policy.disable_adapter():
-                    logp, v = sequence_logprobs(self.policy, batch, chunk_size, shared_prefix)
+                    logp, v = self._policy_logprobs(batch, chunk_size, shared_prefix)
         return logp.float(), v.float()
+
+    def _policy_logprobs(self, batch, chunk_size, shared_prefix):
+        if self.root is not None:  # the root's own chunk_size and shared_prefix: the policy's, as passed
+            return self.root(batch)
+        return sequence_logprobs(self.policy, batch, chunk_size, shared_prefix)
 
     @torch.no_grad()
     def reset(self, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Make pi_ref equal to the current policy, in place."""
         if self.copy is not None:
-            for p_ref, p in zip(self.copy.state_dict().values(), self.policy.state_dict().values()):
-                p_ref.copy_(p)
+            from torch.distributed.tensor import DTensor
+
+            # ZeRO-3: the policy's partitioned weights gathered for the copy
+            with _gathered([p for p in self.policy.parameters() if hasattr(p, "ds_id")]):
+                for p_ref, p in zip(self.copy.state_dict().values(), self.policy.state_dict().values()):
+                    # FSDP2: a sharded weight is all-gathered (every rank resets together, in this order)
+                    p_ref.copy_(p.full_tensor() if isinstance(p, DTensor) else p)
             return
         for layer in _lora_layers(self.policy):
             for name in list(layer.active_adapters):
@@ -76,12 +90,14 @@ class Reference:
                     for p in (layer.lora_A[name].weight, layer.lora_B[name].weight):
                         optimizer.state.pop(p, None)
 
-    def save(self, directory: Path) -> None:
-        """Write pi_ref as a loadable HF model directory."""
+    def save(self, directory: Path, policy_state_dict: dict | None = None) -> None:
+        """Write pi_ref as a loadable HF model directory. `policy_state_dict`: the policy's full
+        weights where they are sharded (FSDP2 / ZeRO-3, gathered on this rank), from which a LoRA
+        base is taken; a frozen copy is never sharded."""
         if self.copy is not None:
             self.copy.save_pretrained(directory)
         else:
-            save_base_model(self.policy, directory)
+            save_base_model(self.policy, directory, policy_state_dict)
 
 
 class RefCache:
@@ -148,6 +164,15 @@ class RefCache:
                          zip(state["uid"].tolist(), state["version"].tolist(), logps, state["v"])}
 
 
+def _gathered(params: list):
+    """DeepSpeed ZeRO-3's partitioned parameters, whole for the block (none: nothing to do)."""
+    if not params:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
+
 def _lora_layers(model):
     from peft.tuners.lora import LoraLayer
 
@@ -155,11 +180,13 @@ def _lora_layers(model):
 
 
 @torch.no_grad()
-def save_base_model(peft_model, directory: Path) -> None:
-    """Save the base weights of a LoRA model (adapter excluded) as a plain HF checkpoint."""
+def save_base_model(peft_model, directory: Path, state_dict: dict | None = None) -> None:
+    """Save the base weights of a LoRA model (adapter excluded) as a plain HF checkpoint;
+    from `state_dict` (the peft model's, keys `base_model.model.*`) if given."""
     base = peft_model.get_base_model()
-    state = {name.replace(".base_layer", ""): t for name, t in base.state_dict().items()
-             if "lora_" not in name}
+    state = base.state_dict() if state_dict is None else \
+        {k.removeprefix("base_model.model."): v for k, v in state_dict.items()}
+    state = {name.replace(".base_layer", ""): t for name, t in state.items() if "lora_" not in name}
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     # save_pretrained with an explicit state dict: handles tied embeddings and sharding

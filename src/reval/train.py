@@ -42,7 +42,9 @@ from reval.checkpoint import (CheckpointError, RunLock, atomic_write_text, clear
                               latest_checkpoint, rng_state, save_checkpoint, set_rng_state, verify_checkpoint)
 from reval.config import TrainConfig
 from reval.data import extra_columns
-from reval.distributed import LogProbModule, all_ranks_true, full_params, is_sharded, make_accelerator
+from reval.distributed import (LogProbModule, all_ranks_true, full_params, is_sharded, load_optimizer_state,
+                               make_accelerator, micro_batch_sync, optimizer_state, prepare, to_local,
+                               whole_models)
 from reval.evaluate import evaluate
 from reval.logprobs import sequence_logprobs
 from reval.losses import ALGORITHMS
@@ -103,10 +105,8 @@ def update(policy, reference, optimizer, batch: Batch, cfg: TrainConfig,
             else:
                 sums["perf/ref_cache_hits"] += len(micro) / len(batch)
             t["ref_logp"], t["ref_v"] = (x.to(device) for x in hit)
-        # DDP: all-reduce gradients once, on the last micro-batch, not after every backward
-        sync = accelerator.no_sync(policy) if accelerator is not None and i < len(micros) - 1 and \
-            accelerator.distributed_type in ("MULTI_GPU", "MULTI_CPU") else contextlib.nullcontext()
-        with sync:
+        # gradients all-reduced (DDP) or the step taken (DeepSpeed) after the last micro-batch only
+        with micro_batch_sync(accelerator, policy, last=i == len(micros) - 1):
             t["logp"], t["v"] = policy(micro, True) if algo.all_values else policy(micro)
             if algo.needs_old_logp:  # pi_old: the sampling policy (no grad); equals pi_theta on the 1st update
                 t["old_logp"] = old_logp[i].to(device) if old_logp is not None else t["logp"].detach()
@@ -162,9 +162,11 @@ UNDO_MAX_PARAMS = 200_000_000  # trainable weights up to which a non-finite step
 
 
 def _snapshot(params: list[torch.Tensor], optimizer) -> tuple[list[torch.Tensor], list[dict]]:
-    """CPU copies of the trainable weights and of their optimizer state (empty before the first step)."""
+    """CPU copies of the trainable weights and of their optimizer state (empty before the first step);
+    under FSDP2 of this rank's shards (each rank undoes its own part of the step)."""
     states = [dict(optimizer.state[p]) if p in optimizer.state else {} for p in params]
-    tensors = [p.detach() for p in params] + [v for st in states for v in st.values() if torch.is_tensor(v)]
+    tensors = [to_local(p.detach()) for p in params] + [to_local(v) for st in states for v in st.values()
+                                                         if torch.is_tensor(v)]
     copies = [torch.empty_like(t, device="cpu") for t in tensors]
     torch._foreach_copy_(copies, tensors)  # one batched copy: half the time of a copy per tensor
     it = iter(copies[len(params):])
@@ -174,19 +176,20 @@ def _snapshot(params: list[torch.Tensor], optimizer) -> tuple[list[torch.Tensor]
 def _all_finite(params: list[torch.Tensor]) -> bool:
     """No NaN or inf in any weight: a sum per tensor is non-finite if an element is (and is
     only otherwise past 3e38 in total); 6x cheaper than `isfinite` per element."""
-    return not params or bool(torch.stack([p.detach().sum(dtype=torch.float32) for p in params]).isfinite().all())
+    return not params or bool(torch.stack([to_local(p.detach()).sum(dtype=torch.float32)
+                                           for p in params]).isfinite().all())  # FSDP2: this rank's shards
 
 
 @torch.no_grad()
 def _restore(params: list[torch.Tensor], optimizer, saved: tuple[list[torch.Tensor], list[dict]]) -> None:
     """Put back the weights and optimizer state of `_snapshot`: the step never happened."""
     for p, weight, state in zip(params, *saved):
-        p.copy_(weight)
+        to_local(p).copy_(weight)  # FSDP2: the shard, in place
         if not state:
             optimizer.state.pop(p, None)
         for k, v in state.items():
             if torch.is_tensor(v):
-                optimizer.state[p][k].copy_(v)
+                to_local(optimizer.state[p][k]).copy_(v)
             else:
                 optimizer.state[p][k] = v
 
@@ -283,7 +286,8 @@ def _make_reference(cfg: TrainConfig, model, ckpt: Path | None, start_path, acce
     if cfg.model.lora_rank or cfg.algo == "qadapter":  # the same module, adapter or head off
         return Reference(model, autocast=accelerator.autocast)
     ref_source = ckpt / "reference" if ckpt and (ckpt / "reference").exists() else start_path
-    ref_copy = _load(cfg, ref_source, ckpt / "model" if ckpt else None)[0].to(accelerator.device)
+    with whole_models(accelerator):  # a frozen copy on every rank, never partitioned (ZeRO-3)
+        ref_copy = _load(cfg, ref_source, ckpt / "model" if ckpt else None)[0].to(accelerator.device)
     return Reference(model, ref_copy, autocast=accelerator.autocast)
 
 
@@ -420,11 +424,13 @@ def _train(cfg: TrainConfig, accelerator, resume: bool, problems, eval_problems,
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.optim.lr,
                                   weight_decay=cfg.optim.weight_decay)
     # the loss's forward goes through the (DDP / FSDP / DeepSpeed) wrapper
-    policy, optimizer = accelerator.prepare(LogProbModule(model, cfg.model.logprob_chunk, cfg.shared_prefix),
-                                            optimizer)
+    policy, optimizer = prepare(accelerator, LogProbModule(model, cfg.model.logprob_chunk, cfg.shared_prefix),
+                                optimizer, cfg.optim.max_grad_norm)
     model = accelerator.unwrap_model(policy).lm
     if reference is not None:
         reference.policy = model
+        if accelerator.is_fsdp2:  # a LoRA / Q-Adapter reference pass enters through FSDP2's root
+            reference.root = policy
     buffer = ReplayBuffer(cfg.buffer.capacity // world)  # this rank's shard (reval.distributed)
     # reference values of stored answers, reused while the reference is unchanged: worth it
     # when an answer is used more than once (replay, or K > 1)
@@ -475,7 +481,7 @@ def _train(cfg: TrainConfig, accelerator, resume: bool, problems, eval_problems,
     streaks = {"bad_updates": 0, "unscored_rounds": 0, "no_signal_rounds": 0}
     logger_start = True
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(optimizer, state["optimizer"])  # FSDP2: shards back into DTensors
         buffer.load_state_dict(state["buffer"])
         if ref_cache is not None and "ref_cache" in state:  # older checkpoints: recomputed on use
             ref_cache.load_state_dict(state["ref_cache"])
@@ -527,8 +533,8 @@ def _train(cfg: TrainConfig, accelerator, resume: bool, problems, eval_problems,
         return rec
 
     def save() -> None:
-        per_rank = {"optimizer": optimizer.state_dict(), "buffer": buffer.state_dict(), "buffer_size": len(buffer),
-                    "rng": rng_state(rngs)}
+        per_rank = {"optimizer": optimizer_state(optimizer), "buffer": buffer.state_dict(),
+                    "buffer_size": len(buffer), "rng": rng_state(rngs)}
         if ref_cache is not None:  # saved, so a resumed run uses the very same numbers
             per_rank["ref_cache"] = ref_cache.state_dict()
         _checkpoint(accelerator, policy, run_dir, cfg, model, tokenizer, reference, per_rank, counters,
@@ -724,7 +730,14 @@ def _checkpoint(accelerator, policy, run_dir, cfg, model, tokenizer, reference, 
 
     full_state = None
     if is_sharded(accelerator):  # FSDP / ZeRO-3: gather the full weights (a collective call)
-        full_state = {k.removeprefix("lm."): v for k, v in accelerator.get_state_dict(policy).items()}
+        gathered = accelerator.get_state_dict(policy) or {}  # rank 0's; ZeRO-3 gives None elsewhere
+        full_state = {k.removeprefix("lm."): v for k, v in gathered.items()}
+        # a tied weight (embeddings = LM head) was gathered once per name: one tensor again, so
+        # that save_pretrained stores it once, as it does for an unsharded model
+        tied: dict[int, torch.Tensor] = {}
+        for name, p in model.named_parameters(remove_duplicate=False):
+            if name in full_state:
+                full_state[name] = tied.setdefault(id(p), full_state[name])
     if accelerator.is_main_process:
         clear_staging(run_dir, counters["round"])
     accelerator.wait_for_everyone()
