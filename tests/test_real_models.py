@@ -195,3 +195,19 @@ def test_paper_presets_are_valid_configs(name, beta, model):
     assert (cfg.rollout.prompts_per_round, cfg.rollout.samples_per_prompt, cfg.buffer.capacity) == (128, 8, 5120)
     assert (cfg.updates_per_round, cfg.optim.lr, cfg.rollout.temperature) == (2, 1e-6, 1.0)
     assert cfg.task.preset == "deepscaler" and resolve_template(cfg.task.prompt) == PROMPTS["paper"]
+
+
+def test_a_reset_on_a_checkpoint_round_keeps_a_verifiable_lora_checkpoint(tmp_path, tiny_dir):
+    """A LoRA reference reset restarts the adapter's AdamW state (moments and step at zero, as a
+    fresh optimizer's), and the checkpoint written right after it verifies: it used to drop the
+    state, so that checkpoint was refused as 'optimizer state is empty' and resume fell back."""
+    from reval.checkpoint import verify_checkpoint
+
+    cfg = TrainConfig(rounds=2, out=tmp_path / "run", progress=False, checkpoint_every=2, report_to="none")
+    cfg.model.path, cfg.model.lora_rank, cfg.loss.ref_reset_every = str(tiny_dir), 4, 2
+    cfg.rollout.prompts_per_round, cfg.rollout.samples_per_prompt = 2, 4
+    cfg.buffer.capacity, cfg.task.num_test, cfg.eval.every = 16, 4, 0
+    train(cfg)
+    state = verify_checkpoint(tmp_path / "run" / "checkpoints" / "round-000002")
+    moments = [v for s in state["optimizer"]["state"].values() for v in s.values() if torch.is_tensor(v)]
+    assert moments and all(not v.any() for v in moments)  # every adapter weight was reset at round 2

@@ -86,9 +86,13 @@ class Reference:
                 layer.merge(adapter_names=[name])  # base weight += scale * B @ A
                 layer.merged_adapters.clear()  # the delta now belongs to the base for good
                 layer.reset_lora_parameters(name, init_lora_weights=True)  # B = 0: delta is 0
-                if optimizer is not None:
+                if optimizer is not None:  # the moments belonged to the old adapter
                     for p in (layer.lora_A[name].weight, layer.lora_B[name].weight):
-                        optimizer.state.pop(p, None)
+                        # zeroed in place (moments and step count): AdamW's fresh state exactly, and
+                        # still a state, so a checkpoint taken right after a reset verifies
+                        for v in optimizer.state.get(p, {}).values():
+                            if torch.is_tensor(v):
+                                v.zero_()
 
     def save(self, directory: Path, policy_state_dict: dict | None = None) -> None:
         """Write pi_ref as a loadable HF model directory. `policy_state_dict`: the policy's full
