@@ -1,6 +1,6 @@
 """A model with a real-size vocabulary, built here, trained with ReVal on the CPU end to end.
 
-    python benchmarks/large_vocab.py build --out runs/large-vocab-model     # ~1 min, 160 MB
+    python benchmarks/large_vocab.py build --out runs/large-vocab-model     # a few minutes, 160 MB
     python benchmarks/large_vocab.py run                                   # HF rollouts -> results
     .venv-vllm/bin/python benchmarks/large_vocab.py run --backend vllm     # vLLM rollouts (its env)
 

@@ -229,3 +229,50 @@ def test_reval_eval_through_vllm_scores_as_hf(trained, tmp_path):
         scores[backend] = json.loads(out.read_text())["mul"]
     assert [i["completion"] for i in scores["vllm"]["items"]] == [i["completion"] for i in scores["hf"]["items"]]
     assert scores["vllm"]["accuracy"] == scores["hf"]["accuracy"] > 0.3
+
+
+# --------------------------------------------------------------------------- a real-size vocabulary
+
+@pytest.fixture(scope="module")
+def large_vocab_dir(tmp_path_factory):
+    """The `mul` warm start padded to 151,936 tokens (benchmarks/large_vocab.py; tests/test_large_vocab.py)."""
+    import importlib.util as iu
+    from pathlib import Path
+
+    spec = iu.spec_from_file_location("large_vocab", Path(__file__).parents[1] / "benchmarks" / "large_vocab.py")
+    module = iu.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    path = tmp_path_factory.mktemp("large-vocab")
+    module.build(path, prompts=32, held_out=16)
+    return path
+
+
+@pytest.mark.slow
+def test_large_vocab_model_through_vllm_lora_and_checkpointing(large_vocab_dir, tmp_path):
+    """151,936 tokens through the engine: greedy answers equal HF's, and a LoRA run with gradient
+    checkpointing, fused chunked log-probs and a reference reset pushes its merged weights each round."""
+    from reval.rollout_vllm import VLLMGenerator
+
+    model, tok = load_model(large_vocab_dir)
+    gen = VLLMGenerator(str(large_vocab_dir), tok, dtype="float32", seed=0, eos_token_ids=[tok.eos_token_id])
+    prompts = [format_prompt(tok, p.question) for p in TASKS["mul"].split("test", 16, seed=0)]
+    assert gen.generate(prompts, greedy=True, max_new_tokens=112).response_ids == \
+        generate(model, tok, prompts, greedy=True, max_new_tokens=112).response_ids
+    samples = gen.generate(prompts[:4], samples_per_prompt=4, max_new_tokens=112, seed=1, return_logprobs=True)
+    assert _max_gap(model, samples, tok.pad_token_id) < LOGP_TOL
+    del gen
+
+    run = tmp_path / "run"
+    proc = subprocess.run([*CMD, "train", "--task.name", "mul", "--model.path", str(large_vocab_dir),
+                           "--rollout.backend", "vllm", "--rounds", "2", "--out", str(run), "--model.lora-rank", "16",
+                           "--model.gradient-checkpointing", "--model.logprob-chunk", "64",
+                           "--loss.ref-reset-every", "1", "--rollout.prompts-per-round", "4",
+                           "--rollout.samples-per-prompt", "4", "--buffer.capacity", "32", "--optim.lr", "1e-3",
+                           "--optim.micro-batch-size", "8", "--task.num-test", "8", "--eval.every", "0",
+                           "--no-progress", "--report-to", "none"], capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from reval.metrics import read_metrics
+
+    rounds = [r for r in read_metrics(run / "metrics.jsonl") if "rollout/reward_mean" in r]
+    assert [r["q/ref_version"] for r in rounds] == [1, 2] and all(r["perf/skipped"] == 0 for r in rounds)
+    assert all(r["rollout/sampler_lag"] == 0 for r in rounds) and any(r["rollout/reward_mean"] > 0 for r in rounds)
