@@ -75,8 +75,10 @@ def measure(spec: dict) -> dict:
     torch.set_num_threads(1)
     import reval.distributed as distributed
     import reval.reference as reference
+    import reval.loop.learner as learner
     import reval.rollout as rollout
     import reval.train as train_mod
+    from reval.metrics import MetricsLogger
     from reval.config import TrainConfig
     from reval.tasks.arithmetic import split
 
@@ -95,7 +97,7 @@ def measure(spec: dict) -> dict:
     rollout.HFGenerator.generate = timed("generate", rollout.HFGenerator.generate)
     reference.Reference.logprobs = timed("reference", reference.Reference.logprobs)
     distributed.LogProbModule.forward = timed("forward", distributed.LogProbModule.forward)
-    update = train_mod.update
+    update = learner.update
 
     def timed_update(*a, **k):  # policy forwards outside updates (GRPO's pi_old) are `old_logp`
         before = dict(spent)
@@ -106,8 +108,8 @@ def measure(spec: dict) -> dict:
         spent["reference_in_update"] = spent.get("reference_in_update", 0.0) + spent["reference"] - before["reference"]
         return out
 
-    train_mod.update = timed_update
-    log = train_mod.MetricsLogger.log
+    learner.update = timed_update  # the learner's module global: what `Learner.step` calls
+    log = MetricsLogger.log
     last = {"cpu": 0.0}
 
     def on_log(self, record):  # one record per round (evaluations are skipped)
@@ -124,7 +126,7 @@ def measure(spec: dict) -> dict:
         log(self, record)
         last["cpu"] = time.process_time()
 
-    train_mod.MetricsLogger.log = on_log
+    MetricsLogger.log = on_log
     cfg = TrainConfig(algo=spec["algo"], rounds=spec["rounds"], out=Path(spec["run_dir"]), progress=False,
                       checkpoint_every=0)
     cfg.buffer.updates_per_round = spec["k"]

@@ -96,7 +96,7 @@ def test_eval_scores_two_models_on_the_same_random_rows(tiny_dir, tmp_path, monk
 
 
 def test_train_evaluates_the_same_random_subsample(bench, tmp_path):
-    from reval.train import _datasets
+    from reval.loop.build import datasets as _datasets
 
     cfg = TrainConfig()
     cfg.task.data, cfg.task.eval_data, cfg.task.eval_limit = str(bench), (str(bench),), 10

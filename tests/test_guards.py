@@ -228,7 +228,7 @@ def test_step_that_writes_non_finite_weights_is_undone(tiny):
 
 def test_past_the_undo_limit_a_non_finite_step_stops_the_run(tiny, monkeypatch):
     """Big models keep no copy to undo a step with (3x the weights in host memory): stop instead."""
-    import reval.train as train_mod
+    import reval.loop.learner as learner_mod
 
     model, tok = tiny
     ref = copy.deepcopy(model).requires_grad_(False)
@@ -236,7 +236,7 @@ def test_past_the_undo_limit_a_non_finite_step_stops_the_run(tiny, monkeypatch):
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.01)
     batch = collate(_experiences(tok, [1.0, 0.0, 0.0, 1.0]), tok.pad_token_id)
-    monkeypatch.setattr(train_mod, "UNDO_MAX_PARAMS", 10)
+    monkeypatch.setattr(learner_mod, "UNDO_MAX_PARAMS", 10)
     opt = PoisonedAdamW(model.parameters(), poison={1}, lr=1e-3)
     with pytest.raises(FloatingPointError, match="made the weights non-finite.*Resume from the last checkpoint"):
         update(LogProbModule(model), Reference(model, ref), opt, batch, TrainConfig())
@@ -279,19 +279,20 @@ def test_large_data_length_check_memory_stays_flat(tiny_dir, tmp_path):
 
 def test_running_out_of_memory_names_the_batch_settings(tiny_dir, tmp_path, monkeypatch):
     """An allocator error (here simulated in the update) becomes a message naming what to lower."""
+    import reval.loop.learner as learner_mod
     import reval.train as train_mod
 
     def oom(*args, **kwargs):
         raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: "
                            "you tried to allocate 68719476736 bytes")
 
-    monkeypatch.setattr(train_mod, "update", oom)
+    monkeypatch.setattr(learner_mod, "update", oom)
     cfg = TrainConfig(rounds=1, out=tmp_path / "run", progress=False)
     cfg.model.path = str(tiny_dir)
     cfg.rollout.prompts_per_round, cfg.rollout.samples_per_prompt, cfg.buffer.capacity = 4, 4, 32
     with pytest.raises(MemoryError, match=r"ran out of memory \(.*can't allocate memory.*optim.micro_batch_size = 64 "
                                           r".*prompts_per_round x samples_per_prompt = 16"):
         train_mod.train(cfg)
-    monkeypatch.setattr(train_mod, "update", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("shape mismatch")))
+    monkeypatch.setattr(learner_mod, "update", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("shape mismatch")))
     with pytest.raises(RuntimeError, match="shape mismatch"):  # other errors are not dressed up as memory
         train_mod.train(TrainConfig(**{**vars(cfg), "out": tmp_path / "run2"}))

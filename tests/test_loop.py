@@ -2,6 +2,7 @@
 
 import pytest
 
+import reval.loop.learner as learner_mod
 import reval.train as train_mod
 from reval.config import TrainConfig
 from reval.rollout import Samples, to_experiences
@@ -29,7 +30,7 @@ def _spy_run(monkeypatch, tiny_dir, tmp_path, algo="reval", **overrides):
         seen.append(batch)
         return real_update(policy, ref, opt, batch, *args, **kwargs)
 
-    monkeypatch.setattr(train_mod, "update", spy)
+    monkeypatch.setattr(learner_mod, "update", spy)
     cfg = TrainConfig(algo=algo, rounds=3, out=tmp_path / "run", progress=False, checkpoint_every=0)
     cfg.model.path = str(tiny_dir)
     cfg.rollout.prompts_per_round, cfg.rollout.samples_per_prompt = 2, 4
@@ -77,7 +78,7 @@ def test_problem_overrides_and_early_stop(monkeypatch, tiny_dir, tmp_path):
     only = split("test", 1, seed=0)[0]
     seen, evals = [], []
     real_update = train_mod.update
-    monkeypatch.setattr(train_mod, "update", lambda *a, **k: seen.append(a[3]) or real_update(*a, **k))
+    monkeypatch.setattr(learner_mod, "update", lambda *a, **k: seen.append(a[3]) or real_update(*a, **k))
     cfg = TrainConfig(algo="reval", rounds=5, out=tmp_path / "one", progress=False, checkpoint_every=0)
     cfg.model.path = str(tiny_dir)
     cfg.rollout.prompts_per_round, cfg.rollout.samples_per_prompt = 1, 4

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import reval.train as train_mod
+from reval.loop import build
 from reval.buffer import collate
 from reval.cli import _preset_or_path, _read_config
 from reval.config import TrainConfig
@@ -43,8 +44,8 @@ def test_calibrated_start_is_exact_under_bf16_autocast(big_vocab_dir, lora):
     cfg.model.logprob_chunk = 64
     cfg.optim.micro_batch_size = 2
     accelerator = make_accelerator("bf16")
-    model, tok = train_mod._load_policy(cfg, None, big_vocab_dir)
-    reference = train_mod._make_reference(cfg, model, None, big_vocab_dir, accelerator)
+    model, tok = build.load_policy(cfg, None, big_vocab_dir)
+    reference = build.make_reference(cfg, model, None, big_vocab_dir, accelerator)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
     policy, optimizer = accelerator.prepare(LogProbModule(model, cfg.model.logprob_chunk), optimizer)
     batch = collate(_long_answers(4, 256, 20_000), tok.pad_token_id)

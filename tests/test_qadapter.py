@@ -363,17 +363,18 @@ def test_with_lora_the_first_update_starts_at_the_base(tiny_dir):
     """B = 0 at the start: at the first update the policy's log-probs are the reference's,
     so with alpha~ = alpha_0 every r_t is 0 (margin 0, preference term log 2, chi2 0)."""
     import reval.train as train_mod
+    from reval.loop import build
     from reval.distributed import LogProbModule, make_accelerator
 
     cfg = TrainConfig(algo="qadapter")
     cfg.model.path, cfg.model.lora_rank, cfg.model.lora_alpha = str(tiny_dir), 4, 8
     cfg.loss.qadapter_alpha = cfg.loss.qadapter_alpha0 = 0.5
     cfg.optim.micro_batch_size = 4
-    model, tok = train_mod._load_policy(cfg, None, tiny_dir)
+    model, tok = build.load_policy(cfg, None, tiny_dir)
     assert not is_qadapter(model)  # the LoRA module replaces the head
     assert all(not p.any() for n, p in model.named_parameters() if "lora_B" in n)
     assert cfg.loss.gamma == 1.0
-    reference = train_mod._make_reference(cfg, model, None, tiny_dir, make_accelerator("no"))
+    reference = build.make_reference(cfg, model, None, tiny_dir, make_accelerator("no"))
     batch = _pairs_batch(tok)
     with torch.no_grad():
         assert torch.equal(sequence_logprobs(model, batch)[0], reference.logprobs(batch)[0])

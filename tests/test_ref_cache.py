@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+import reval.loop.learner as learner_mod
 import reval.train as train_mod
 from reval.config import TrainConfig
 from reval.reference import RefCache
@@ -43,7 +44,7 @@ def test_cached_values_are_what_the_reference_computes(monkeypatch, tiny_dir, tm
                 checked["hits"] += len(micro)
         return real_update(policy, reference, opt, batch, cfg, old_logp, accelerator, ref_cache, ref_version, *rest)
 
-    monkeypatch.setattr(train_mod, "update", spy)
+    monkeypatch.setattr(learner_mod, "update", spy)
     cfg = TrainConfig(algo="reval", rounds=5, out=tmp_path / "run", progress=False, checkpoint_every=0)
     cfg.model.path = str(tiny_dir)
     cfg.rollout.prompts_per_round, cfg.rollout.samples_per_prompt = 2, 4

@@ -225,6 +225,24 @@ class EvalConfig:
 
 
 @dataclass
+class ScheduleConfig:
+    mode: Literal["sync", "async"] = "sync"
+    """sync: each round samples its answers, then takes its K updates, in turn. async: an actor
+    process samples and scores rounds continuously (up to `queue_size` ahead) while the learner
+    updates on them and pushes it weights (docs/async.md). Replay ratio: K updates per round of
+    P x G fresh answers in both."""
+    push_every: int = 1
+    """async: push the policy's weights to the actor every N updates (and after a reference reset)."""
+    queue_size: int = 2
+    """async: rounds of scored answers that may wait for the learner; the actor blocks when they do."""
+    max_staleness: int | None = None
+    """async: drop fresh answers sampled more than N policy versions before their first use;
+    None: no cap for ReVal / TBRM (their loss holds for answers from any sampler), 4 for GRPO."""
+    actor_threads: int = 1
+    """async: torch threads of the actor process (the learner keeps the process's own)."""
+
+
+@dataclass
 class TrainConfig:
     algo: Literal["reval", "tbrm", "tbrm_replay", "grpo", "mle", "iq", "dpo", "qadapter"] = "reval"
     """Algorithm, from `reval.losses.ALGORITHMS`. RL from a reward: reval; tbrm (on-policy, as
@@ -256,6 +274,7 @@ class TrainConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
 
     @property
     def batch_size(self) -> int:
@@ -268,6 +287,15 @@ class TrainConfig:
         from reval.losses import ALGORITHMS
 
         return k if k is not None else ALGORITHMS[self.algo].default_updates_per_round
+
+    @property
+    def max_staleness(self) -> int | None:
+        """The asynchronous staleness cap, resolved: the configured one, else 4 for GRPO (its
+        clipped ratio needs near-policy answers, as every peer caps) and none for the rest."""
+        from reval.losses import ALGORITHMS
+
+        cap = self.schedule.max_staleness
+        return cap if cap is not None else (4 if ALGORITHMS[self.algo].needs_old_logp else None)
 
     @property
     def shared_prefix(self) -> bool:
@@ -355,6 +383,15 @@ class TrainConfig:
              f"in (0, {MAX_REWARD_TIMEOUT:g}] seconds"),
             ("rollout.max_unscored_rounds", self.rollout.max_unscored_rounds >= 1, ">= 1"),
             ("rollout.sync_every", self.rollout.sync_every >= 1, ">= 1"),
+            ("schedule.mode", self.schedule.mode == "sync" or not offline,
+             "sync for the offline algorithms (they sample nothing to train on)"),
+            ("schedule.mode", self.schedule.mode == "sync" or self.rollout.backend == "hf",
+             "sync with rollout.backend vllm (the asynchronous actor samples with HF generate for now)"),
+            ("schedule.push_every", self.schedule.push_every >= 1, ">= 1"),
+            ("schedule.queue_size", self.schedule.queue_size >= 1, ">= 1"),
+            ("schedule.max_staleness", self.schedule.max_staleness is None or self.schedule.max_staleness >= 0,
+             ">= 0 (or unset)"),
+            ("schedule.actor_threads", self.schedule.actor_threads >= 1, ">= 1"),
             ("rollout.vllm_gpu_memory_utilization", 0 < self.rollout.vllm_gpu_memory_utilization < 1,
              "in (0, 1)"),
             ("model.lora_rank", self.model.lora_rank >= 0, ">= 0 (0 = full fine-tuning)"),
@@ -401,7 +438,8 @@ class TrainConfig:
                    "optim.micro_batch_size", "model.logprob_chunk", "model.shared_prefix", "loss.ref_cache",
                    "rollout.reward_timeout", "rollout.max_unscored_rounds",
                    "model.gradient_checkpointing", "model.attn_implementation", "task.eval_data",
-                   "task.eval_limit", "rollout.backend", "rollout.vllm_gpu_memory_utilization")
+                   "task.eval_limit", "rollout.backend", "rollout.vllm_gpu_memory_utilization",
+                   "schedule.actor_threads")
         a, b = _flatten(self.to_dict()), _flatten(saved.to_dict())
         changed = [k for k in a if not k.startswith(mutable) and a[k] != b.get(k)]
         if changed:
