@@ -229,12 +229,13 @@ class ScheduleConfig:
     mode: Literal["sync", "async"] = "sync"
     """sync: each round samples its answers, then takes its K updates, in turn. async: an actor
     process samples and scores rounds continuously (up to `queue_size` ahead) while the learner
-    updates on them and pushes it weights (docs/async.md). Replay ratio: K updates per round of
-    P x G fresh answers in both."""
+    updates on them and pushes its weights to the actor (docs/async.md). Replay ratio in both:
+    K updates per round of P x G fresh answers."""
     push_every: int = 1
     """async: push the policy's weights to the actor every N updates (and after a reference reset)."""
     queue_size: int = 2
-    """async: rounds of scored answers that may wait for the learner; the actor blocks when they do."""
+    """async: rounds of scored answers that may wait for the learner; the actor pauses while that
+    many wait."""
     max_staleness: int | None = None
     """async: drop fresh answers sampled more than N policy versions before their first use;
     None: no cap for ReVal / TBRM (their loss holds for answers from any sampler), 4 for GRPO."""
