@@ -80,7 +80,7 @@ def test_a_push_after_a_lora_reference_reset_carries_the_merged_base(tiny_dir, t
     """The learner sends only trainable weights, except after a reference reset, when it sends
     all of them: a LoRA reset merges the adapter into the base, which the actor must see."""
     from reval.loop import build
-    from reval.loop.actor_process import ActorProcess, _load_newest
+    from reval.loop.actor_process import ActorProcess, _load_newest, decode_weights
     from reval.reference import Reference
 
     cfg = _config(tiny_dir, tmp_path, model__lora_rank=4)
@@ -99,7 +99,7 @@ def test_a_push_after_a_lora_reference_reset_carries_the_merged_base(tiny_dir, t
     _load_newest(actor_model, pusher.weights, counters, block=False, stop=stop)
     assert torch.equal(actor_model(ids).logits, learner_model(ids).logits) and counters["updates"] == 1
     pusher.push(version=2, ref_version=0)
-    assert all("lora" in name for name in pusher.weights.get()[1])  # then the adapter only
+    assert all("lora" in name for name in decode_weights(pusher.weights.get()[1]))  # then the adapter only
 
     optimizer = torch.optim.AdamW([p for p in learner_model.parameters() if p.requires_grad])
     Reference(learner_model).reset(optimizer)  # merge the adapter into the base, restart it at zero
@@ -205,7 +205,7 @@ def test_a_dead_actor_stops_the_run_with_a_clear_message(tiny_dir, tmp_path):
               (run / "metrics.jsonl").read_text(), 120, proc)
     os.kill(actor, signal.SIGKILL)
     _, err = proc.communicate(timeout=60)  # no hang
-    assert proc.returncode != 0 and "Traceback" not in err
+    assert proc.returncode != 0 and "Traceback" not in err, err
     assert f"the actor process (pid {actor}) died with exit code -9" in err and "resume" in err
 
 

@@ -7,8 +7,9 @@ only when the queue is full: generation never waits for an update. Before each r
 loads the newest weights the learner pushed (`ActorProcess.push`), and tags the round's
 answers with that policy version.
 
-Torch's multiprocessing queues carry the tensors through shared memory; everything else is
-pickled. The child ignores Ctrl-C (the learner stops it at a round boundary) and reports a
+Weights travel as safetensors bytes through a pipe, not as shared-memory tensors: torch's
+file-descriptor sharing runs a server thread in the learner that prints a traceback whenever
+the actor dies mid-handshake (killed, or stopped by Ctrl-C). Rollouts are pickled. The child ignores Ctrl-C (the learner stops it at a round boundary) and reports a
 failure as a message on the queue before it exits; the learner also notices a child that
 died without a word (killed, out of memory) by its exit code.
 """
@@ -109,7 +110,7 @@ def _load_newest(model, weights, counters: dict, block: bool, stop) -> None:
             continue
     if newest is None:
         return
-    version, state = newest
+    version, state = newest[0], decode_weights(newest[1])
     params = dict(model.named_parameters())
     for name, tensor in state.items():  # trainable weights, or every weight after a reference reset
         target = params.get(name)
@@ -117,6 +118,19 @@ def _load_newest(model, weights, counters: dict, block: bool, stop) -> None:
             target = model.get_buffer(name)
         target.copy_(tensor)
     counters["updates"] = counters["sampler_version"] = version
+
+
+def encode_weights(state: dict[str, torch.Tensor]) -> bytes:
+    """A state dict as safetensors bytes (each tensor copied out, contiguous)."""
+    from safetensors.torch import save
+
+    return save({name: t.contiguous().clone() for name, t in state.items()})
+
+
+def decode_weights(data: bytes) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load
+
+    return load(data)
 
 
 def _put(out, item, stop) -> bool:
@@ -180,10 +194,10 @@ class ActorProcess:
         """Send the policy's weights, tagged with its version: the trainable ones, or all of them
         after a reference reset (a LoRA reset merges the adapter into the base weights)."""
         full = ref_version != self.pushed_ref_version
-        state = {name: p.detach().clone() for name, p in self.model.named_parameters() if full or p.requires_grad}
+        state = {name: p.detach() for name, p in self.model.named_parameters() if full or p.requires_grad}
         if full:
-            state.update({name: b.detach().clone() for name, b in self.model.named_buffers()})
-        self.weights.put((version, state))
+            state.update({name: b.detach() for name, b in self.model.named_buffers()})
+        self.weights.put((version, encode_weights(state)))
         self.pushed_ref_version = ref_version
 
     def next_rollout(self):
@@ -193,6 +207,9 @@ class ActorProcess:
             while True:
                 try:
                     item = self.out.get(timeout=POLL_SECONDS)
+                except (EOFError, OSError) as e:  # the pipe broke under a dying actor
+                    raise ActorDied(f"the actor process (pid {self.process.pid}) is gone ({e}). Completed "
+                                    "checkpoints are intact; resume with reval train --resume DIR") from None
                 except queue.Empty:
                     if not self.process.is_alive():
                         raise ActorDied(
