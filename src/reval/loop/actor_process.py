@@ -66,7 +66,6 @@ def _act_forever(spec: ActorSpec, weights, out, stop) -> None:
     from reval.loop import build
     from reval.loop.actor import Actor
     from reval.model import eos_token_ids
-    from reval.rewards import resolve_rewards
     from reval.rollout import HFGenerator
 
     cfg = TrainConfig.from_dict(spec.config)
@@ -78,8 +77,7 @@ def _act_forever(spec: ActorSpec, weights, out, stop) -> None:
     rng = random.Random()
     rng.setstate(spec.rng_state)
     counters = {"updates": 0, "sampler_version": 0, "samples": 0}
-    reward_fns = resolve_rewards(spec.reward_funcs or cfg.task.rewards
-                                 or (("arithmetic",) if cfg.task.data is None else ("math_verify",)))
+    reward_fns = build.reward_functions(cfg, spec.reward_funcs)
     actor = Actor(cfg, accelerator, HFGenerator(model, tokenizer, eos_token_ids(model, tokenizer)), tokenizer,
                   spec.train_set, rng, counters, policy=model, model=model, template=spec.template,
                   chat=spec.chat, reward_fns=reward_fns, reward_errors={})

@@ -129,3 +129,12 @@ def make_generator(cfg: TrainConfig, model, tokenizer, eos_ids, start_path):
                              gpu_memory_utilization=cfg.rollout.vllm_gpu_memory_utilization)
     return HFGenerator(model, tokenizer, eos_ids, separate_copy=cfg.rollout.sync_every > 1)
 
+
+
+def reward_functions(cfg: TrainConfig, reward_funcs=None) -> list:
+    """The run's reward functions: those passed from Python, else `task.rewards`, else the
+    default (arithmetic for the embedded task, math_verify for data)."""
+    from reval.rewards import resolve_rewards
+
+    return resolve_rewards(reward_funcs or cfg.task.rewards
+                           or (("arithmetic",) if cfg.task.data is None else ("math_verify",)))

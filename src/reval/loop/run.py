@@ -36,7 +36,7 @@ from reval.model import (auto_prompt, default_model_path, eos_token_ids, prompts
                          use_chat_template)
 from reval.offline import ROWS_PER_EXAMPLE
 from reval.reference import RefCache
-from reval.rewards import resolve_rewards, reward_name
+from reval.rewards import reward_name
 from reval.tasks import TASKS
 
 
@@ -188,8 +188,7 @@ class Run:
         embedded = cfg.task.data is None and problems is None
         self.prompt = cfg.task.prompt if cfg.task.prompt != "auto" else auto_prompt(self.chat, embedded=embedded)
         self.template = resolve_template(self.prompt)
-        self.reward_fns = resolve_rewards(reward_funcs or cfg.task.rewards
-                                          or (("arithmetic",) if cfg.task.data is None else ("math_verify",)))
+        self.reward_fns = build.reward_functions(cfg, reward_funcs)
         self.reward_names = [reward_name(fn) for fn in self.reward_fns]
         self.reward_errors: dict[str, str] = {}  # the first failure of each reward function, shown once
         self.eos_ids = eos_token_ids(model, tokenizer)
