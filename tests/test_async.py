@@ -125,7 +125,7 @@ def test_async_lora_with_reference_resets_trains(tiny_dir, tmp_path):
 def test_async_refuses_what_it_cannot_do(tiny_dir, tmp_path):
     from reval.train import train
 
-    for overrides, message in (({"rollout__backend": "vllm"}, "schedule.mode.*sync with rollout.backend vllm"),
+    for overrides, message in (({"rollout__lag": 2}, "rollout.lag = 2.*sync schedule"),
                                ({"schedule__push_every": 0}, "schedule.push_every = 0")):
         with pytest.raises(ValueError, match=message):
             _config(tiny_dir, tmp_path, **overrides).validate()

@@ -196,6 +196,41 @@ def test_grpo_with_a_stale_sampler_is_corrected(tmp_path):
     assert all(w is not None and w != 1.0 for w in (weights[1], weights[2], weights[4]))
 
 
+def test_a_fixed_lag_samples_with_the_weights_from_exactly_that_many_updates_ago(tmp_path):
+    """rollout.lag = 3 with K = 2: round r samples with version max(0, 2r - 3), whatever the
+    policy has done since; GRPO corrects towards that sampler. The weights are checked, not
+    only the counters: the sampler of the last round equals the checkpoint of version 2r - 3."""
+    from reval.loop import actor as actor_mod
+
+    cfg = TrainConfig(algo="grpo", rounds=4, out=tmp_path / "lag", progress=False, checkpoint_every=0)
+    cfg.rollout.prompts_per_round, cfg.rollout.samples_per_prompt, cfg.rollout.lag = 8, 4, 3
+    cfg.buffer.capacity, cfg.optim.micro_batch_size, cfg.task.num_test, cfg.eval.samples = 32, 16, 4, 0
+    cfg.buffer.updates_per_round, cfg.optim.lr = 2, 3e-3
+    seen = {}
+    real_sync = actor_mod.Actor._lagged_sync
+
+    def spy(self):
+        real_sync(self)
+        first = next(iter(self.generator.model.state_dict().values()))
+        seen[self.counters["updates"]] = (self.counters["sampler_version"], first.clone(),
+                                          {v: w[0].clone() for v, w in self.versions.items()})
+    actor_mod.Actor._lagged_sync = spy
+    try:
+        train_mod.train(cfg)
+    finally:
+        actor_mod.Actor._lagged_sync = real_sync
+    rounds = [r for r in read_metrics(tmp_path / "lag" / "metrics.jsonl") if "rollout/reward_mean" in r]
+    assert [r["rollout/sampler_lag"] for r in rounds] == [0, 2, 3, 3]  # updates 0, 2, 4, 6 at sampling
+    assert [seen[u][0] for u in (0, 2, 4, 6)] == [0, 0, 1, 3]
+    version, sampler_first, kept = seen[6]
+    assert torch.equal(sampler_first, kept[3]) and not torch.equal(kept[3], kept[max(kept)])
+    assert all("loss/sampler_weight_mean" in r for r in rounds) and rounds[-1]["loss/sampler_weight_mean"] != 1.0
+    with pytest.raises(ValueError, match="rollout.lag"):
+        bad = TrainConfig(rounds=1)
+        bad.rollout.lag, bad.rollout.sync_every = 2, 3
+        bad.validate()
+
+
 def test_reset_unit_is_validated_and_old_runs_keep_their_meaning():
     with pytest.raises(ValueError, match=r"loss.ref_reset_unit must be one of \('rounds', 'updates'\), got 'round'"):
         TrainConfig.from_dict({"loss": {"ref_reset_unit": "round"}}).validate()

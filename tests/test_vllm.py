@@ -339,3 +339,56 @@ def test_vllm_generate_and_sync_match_hf(tmp_path):
     merged = copy.deepcopy(lora).merge_and_unload()
     lora_out = gen.generate(prompts, greedy=True, max_new_tokens=k)
     assert all(_near_greedy(merged, p, r, k) for p, r in zip(lora_out.prompt_ids, lora_out.response_ids))
+
+
+# --------------------------------------------------------------------------- the vLLM server client's errors
+# (the client against a real `vllm serve`: tests/test_vllm_engine.py, in the vLLM environment)
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # closed again when the block ends: nothing listens there
+
+
+def test_no_vllm_server_is_one_clear_line_from_reval_train(tmp_path, tiny_dir):
+    import subprocess
+
+    url = f"http://127.0.0.1:{_closed_port()}"
+    proc = subprocess.run([sys.executable, "-m", "reval.cli", "train", "--model.path", str(tiny_dir), "--rounds", "1",
+                           "--rollout.backend", "vllm-server", "--rollout.vllm-server", url, "--out",
+                           str(tmp_path / "run"), "--no-progress", "--report-to", "none"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert f"cannot reach the vLLM server at {url}" in proc.stderr and "vllm serve" in proc.stderr
+
+
+def test_a_server_without_dev_mode_is_told_how_to_start_it(tiny_model):
+    """A server that answers /v1/models but not the weight-reload endpoints (no VLLM_SERVER_DEV_MODE)."""
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from reval.rollout_vllm_server import ServerError, VLLMServerGenerator
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            if self.path == "/v1/models":
+                body = json.dumps({"data": [{"id": "m"}]}).encode()
+                self.send_response(200)
+                self.end_headers()
+                self.wfile.write(body)
+            else:
+                self.send_error(404)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(ServerError, match="VLLM_SERVER_DEV_MODE=1.*HTTP 404"):
+            VLLMServerGenerator(f"http://127.0.0.1:{httpd.server_address[1]}", tiny_model[1], [0], "/tmp/unused")
+    finally:
+        httpd.shutdown()

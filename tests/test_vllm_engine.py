@@ -281,3 +281,119 @@ def test_large_vocab_model_through_vllm_lora_and_checkpointing(large_vocab_dir, 
     rounds = [r for r in read_metrics(run / "metrics.jsonl") if "rollout/reward_mean" in r]
     assert [r["q/ref_version"] for r in rounds] == [1, 2] and all(r["perf/skipped"] == 0 for r in rounds)
     assert all(r["rollout/sampler_lag"] == 0 for r in rounds) and any(r["rollout/reward_mean"] > 0 for r in rounds)
+
+
+# --------------------------------------------------------------------------- the actor as a vLLM server
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """`vllm serve` of the mul warm start on the loopback address, as another machine would run it
+    (vLLM's own OpenAI server; VLLM_SERVER_DEV_MODE=1 serves its weight-reload endpoints)."""
+    import urllib.request
+
+    port, cwd = _free_port(), tmp_path_factory.mktemp("vllm-server")  # cwd: nothing importable by accident
+    log = open(cwd / "server.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+                             "--model", str(default_model_path("mul")), "--host", "127.0.0.1", "--port", str(port),
+                             "--dtype", "float32", "--enforce-eager"], cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
+                            env={**os.environ, "VLLM_SERVER_DEV_MODE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"},
+                            start_new_session=True)
+    url, deadline = f"http://127.0.0.1:{port}", time.time() + 600
+    while True:
+        try:
+            urllib.request.urlopen(url + "/health", timeout=5)
+            break
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
+                raise RuntimeError("vllm serve did not start:\n" + (cwd / "server.log").read_text()[-3000:]) from None
+            time.sleep(2)
+    yield url
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+    log.close()
+
+
+@pytest.mark.slow
+def test_a_vllm_server_samples_the_policy_and_reloads_pushed_weights(server, tmp_path):
+    """Through HTTP only: greedy answers are HF generate's, sampled-token log-probs the trainer's,
+    seeded rounds reproducible; after an update and `sync_weights` the server is the new policy."""
+    from reval.rollout_vllm_server import VLLMServerGenerator
+
+    base, tok = load_model(default_model_path("mul"))
+    gen = VLLMServerGenerator(server, tok, [tok.eos_token_id], tmp_path / "weights")
+    prompts = _prompts("mul", 40)
+    hf = generate(base, tok, prompts, greedy=True, max_new_tokens=112, eos_token_ids=[tok.eos_token_id])
+    ours = gen.generate(prompts, greedy=True, max_new_tokens=112)
+    assert (ours.prompt_ids, ours.response_ids, ours.truncated) == (hf.prompt_ids, hf.response_ids, hf.truncated)
+    train_prompts = _prompts("mul", 8, "train")
+    before = gen.generate(train_prompts, samples_per_prompt=4, max_new_tokens=112, seed=1, return_logprobs=True)
+    assert len({tuple(r) for r in before.response_ids}) > 8 and _max_gap(base, before, tok.pad_token_id) < LOGP_TOL
+    assert gen.generate(train_prompts, samples_per_prompt=4, max_new_tokens=112, seed=1).response_ids \
+        == before.response_ids
+    cfg = TrainConfig(algo="reval")
+    cfg.optim.lr, cfg.rollout.samples_per_prompt = 1e-3, 4
+    policy = copy.deepcopy(base)
+    _reval_update(policy, Reference(policy, copy.deepcopy(base)), cfg, before,
+                  [float(i % 3 == 0) for i in range(len(before.response_ids))], tok)
+    gen.sync_weights(policy)
+    after = gen.generate(train_prompts, samples_per_prompt=4, max_new_tokens=112, seed=1, return_logprobs=True)
+    assert _max_gap(policy, after, tok.pad_token_id) < LOGP_TOL and _max_gap(base, after, tok.pad_token_id) > MOVED
+    gen.sync_weights(base)
+
+
+def _train_args(run, *extra) -> list[str]:
+    return [*CMD, "train", "--task.name", "mul", "--rounds", "3", "--out", str(run), "--rollout.prompts-per-round",
+            "8", "--rollout.samples-per-prompt", "4", "--buffer.capacity", "64", "--optim.micro-batch-size", "32",
+            "--task.num-test", "20", "--eval.every", "0", "--no-progress", "--report-to", "none", *extra]
+
+
+def _rounds(run) -> list[dict]:
+    from reval.metrics import read_metrics
+
+    return [r for r in read_metrics(run / "metrics.jsonl") if "rollout/reward_mean" in r]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("schedule", ["sync", "async"])
+def test_train_with_a_vllm_server_as_the_actor(server, tmp_path, schedule):
+    """GRPO (which needs the sampler's log-probs) with the server as its sampler, in both schedules;
+    the server gets the policy's weights by reload through its own endpoints."""
+    run = tmp_path / "run"
+    proc = subprocess.run(_train_args(run, "--algo", "grpo", "--optim.lr", "3e-4", "--buffer.updates-per-round", "2",
+                                      "--rollout.backend", "vllm-server", "--rollout.vllm-server", server,
+                                      "--schedule.mode", schedule),
+                          capture_output=True, text=True, timeout=1200, env=ONE_THREAD)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rounds = _rounds(run)
+    assert [r["samples"] for r in rounds] == [32, 64, 96] and rounds[-1]["updates"] > 0
+    assert all("loss/sampler_weight_mean" in r for r in rounds if r["perf/skipped"] == 0)
+    assert (run / "vllm-weights" / "model.safetensors").exists()
+    if schedule == "sync":
+        assert all(r["rollout/sampler_lag"] == 0 for r in rounds)
+    else:
+        assert all(r["buffer/staleness_p90"] >= 0 for r in rounds)
+
+
+@pytest.mark.slow
+def test_async_actor_with_an_in_process_vllm_engine(tmp_path):
+    """The asynchronous actor process runs its own vLLM engine, loaded with each new version."""
+    run = tmp_path / "run"
+    proc = subprocess.run(_train_args(run, "--algo", "reval", "--optim.lr", "1e-4", "--buffer.updates-per-round",
+                                      "4", "--rollout.backend", "vllm", "--schedule.mode", "async"),
+                          capture_output=True, text=True, timeout=1200, env=ONE_THREAD)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rounds = _rounds(run)
+    assert [r["samples"] for r in rounds] == [32, 64, 96] and rounds[-1]["updates"] == 12
+    assert rounds[0]["rollout/sampler_lag"] == 0 and all(r["rollout/sampler_lag"] >= 0 for r in rounds)

@@ -133,13 +133,23 @@ class RolloutConfig:
     max_unscored_rounds: int = 3
     """Stop the run after this many rounds in a row in which no answer could be scored (every
     reward None: the reward function raises, times out, or lacks a dataset column)."""
-    backend: Literal["hf", "vllm"] = "hf"
-    """Sampler: HF generate, or vLLM (optional extra; on a CPU its CPU build, scripts/vllm-cpu-env.sh)
-    with weights pushed after updates."""
+    backend: Literal["hf", "vllm", "vllm-server"] = "hf"
+    """Sampler: HF generate; vLLM in this process (optional extra; on a CPU its CPU build,
+    scripts/vllm-cpu-env.sh) with weights pushed after updates; or a `vllm serve` process here
+    or on another machine (`vllm_server`), weights reloaded through its own endpoints."""
+    vllm_server: str = "http://127.0.0.1:8000"
+    """vllm-server: the server's address (started with VLLM_SERVER_DEV_MODE=1, docs/async.md)."""
+    vllm_weights_dir: str | None = None
+    """vllm-server: where the policy's weights are written for the server to reload, a path it
+    reads too (the same machine, or a shared filesystem); default <run dir>/vllm-weights."""
     sync_every: int = 1
     """Push the policy's weights to the sampler every N rounds (N > 1: rollouts may come from
     a policy up to N - 1 rounds stale; the HF backend then samples from its own copy). vLLM also
     gets them before every evaluation, which samples through it."""
+    lag: int = 0
+    """A staleness study's knob: every round samples with the policy's weights from exactly N
+    updates earlier (fewer at the start of a run or after a resume, where older weights are not
+    kept). HF backend, sync schedule, sync_every 1; the last N + 1 versions stay in memory."""
     vllm_gpu_memory_utilization: float = 0.5
     """vLLM: fraction of GPU memory for its weights and KV cache (colocated with training); on a
     CPU the KV cache is sized from the model instead (docs/vllm.md)."""
@@ -384,10 +394,13 @@ class TrainConfig:
              f"in (0, {MAX_REWARD_TIMEOUT:g}] seconds"),
             ("rollout.max_unscored_rounds", self.rollout.max_unscored_rounds >= 1, ">= 1"),
             ("rollout.sync_every", self.rollout.sync_every >= 1, ">= 1"),
+            ("rollout.lag", self.rollout.lag >= 0, ">= 0"),
+            ("rollout.lag", self.rollout.lag == 0 or (
+                not offline and self.rollout.backend == "hf" and self.schedule.mode == "sync"
+                and self.rollout.sync_every == 1),
+             "0 unless the run samples with HF generate, on the sync schedule, with rollout.sync_every 1"),
             ("schedule.mode", self.schedule.mode == "sync" or not offline,
              "sync for the offline algorithms (they sample nothing to train on)"),
-            ("schedule.mode", self.schedule.mode == "sync" or self.rollout.backend == "hf",
-             "sync with rollout.backend vllm (the asynchronous actor samples with HF generate for now)"),
             ("schedule.push_every", self.schedule.push_every >= 1, ">= 1"),
             ("schedule.queue_size", self.schedule.queue_size >= 1, ">= 1"),
             ("schedule.max_staleness", self.schedule.max_staleness is None or self.schedule.max_staleness >= 0,
@@ -439,7 +452,8 @@ class TrainConfig:
                    "optim.micro_batch_size", "model.logprob_chunk", "model.shared_prefix", "loss.ref_cache",
                    "rollout.reward_timeout", "rollout.max_unscored_rounds",
                    "model.gradient_checkpointing", "model.attn_implementation", "task.eval_data",
-                   "task.eval_limit", "rollout.backend", "rollout.vllm_gpu_memory_utilization",
+                   "task.eval_limit", "rollout.backend", "rollout.vllm_gpu_memory_utilization", "rollout.vllm_server",
+                   "rollout.vllm_weights_dir",
                    "schedule.actor_threads")
         a, b = _flatten(self.to_dict()), _flatten(saved.to_dict())
         changed = [k for k in a if not k.startswith(mutable) and a[k] != b.get(k)]

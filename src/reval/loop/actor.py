@@ -51,7 +51,8 @@ def corrects_sampler(cfg: TrainConfig) -> bool:
     from reval.losses import ALGORITHMS
 
     return ALGORITHMS[cfg.algo].needs_old_logp and cfg.loss.sampler_weight_cap > 0 and (
-        cfg.rollout.sync_every > 1 or cfg.rollout.backend == "vllm" or cfg.schedule.mode == "async")
+        cfg.rollout.sync_every > 1 or cfg.rollout.lag > 0 or cfg.rollout.backend != "hf"
+        or cfg.schedule.mode == "async")
 
 
 class Actor:
@@ -71,8 +72,26 @@ class Actor:
         self.prompts_per_rank = cfg.rollout.prompts_per_round // self.world
         # GRPO's correction needs the sampler's log-probs: vLLM returns them, and so does the
         # asynchronous actor's HF sampler (its weights are not the learner's)
-        self.return_logprobs = corrects_sampler(cfg) and (cfg.rollout.backend == "vllm"
+        self.return_logprobs = corrects_sampler(cfg) and (cfg.rollout.backend != "hf"
                                                           or cfg.schedule.mode == "async")
+        self.versions: dict[int, list[torch.Tensor]] = {}  # rollout.lag: the policy's recent weights
+
+    def remember(self) -> None:
+        """Keep the policy's weights at this version (`rollout.lag`: a later round samples with them)."""
+        with torch.no_grad():
+            self.versions[self.counters["updates"]] = [t.detach().clone() for t in self.model.state_dict().values()]
+
+    def _lagged_sync(self) -> None:
+        """Load the sampler with the newest kept weights at least `rollout.lag` updates old."""
+        want = self.counters["updates"] - self.cfg.rollout.lag
+        if not self.versions:
+            self.remember()
+        version = max([v for v in self.versions if v <= want] or [min(self.versions)])
+        self.versions = {v: w for v, w in self.versions.items() if v >= version}
+        with torch.no_grad():
+            for dst, src in zip(self.generator.model.state_dict().values(), self.versions[version]):
+                dst.copy_(src)
+        self.counters["sampler_version"] = version
 
     def sync(self) -> None:
         """Push the policy's weights to the sampler (vLLM, or the HF sampler's own copy)."""
@@ -106,7 +125,9 @@ class Actor:
         # 2. rollout: the generation seed depends only on (seed, round, rank) -> reproducible on resume
         seed = cfg.seed * 1_000_003 + rnd + 7919 * self.rank
         torch.manual_seed(seed)
-        if rnd % cfg.rollout.sync_every == 0 and counters["sampler_version"] != counters["updates"]:
+        if cfg.rollout.lag:
+            self._lagged_sync()
+        elif rnd % cfg.rollout.sync_every == 0 and counters["sampler_version"] != counters["updates"]:
             self.sync()
         lag = counters["updates"] - counters["sampler_version"]  # updates the sampler is behind
         G = cfg.rollout.samples_per_prompt

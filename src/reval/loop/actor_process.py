@@ -2,16 +2,18 @@
 
 The child process builds the policy the way the learner does (`build.load_policy`, so a LoRA
 model has the same parameter names), then samples and scores round after round with the
-same `Actor` as the synchronous loop, and puts each `Rollout` on a bounded queue. It blocks
-only when the queue is full: generation never waits for an update. Before each round it
-loads the newest weights the learner pushed (`ActorProcess.push`), and tags the round's
-answers with that policy version.
+same `Actor` as the synchronous loop (HF generate from that model, or `rollout.backend`'s
+vLLM engine or vLLM server, loaded with its weights at every new version), and puts each
+`Rollout` on a bounded queue. It blocks only when the queue is full: generation never waits
+for an update. Before each round it loads the newest weights the learner pushed
+(`ActorProcess.push`), and tags the round's answers with that policy version.
 
 Weights travel as safetensors bytes through a pipe, not as shared-memory tensors: torch's
 file-descriptor sharing runs a server thread in the learner that prints a traceback whenever
-the actor dies mid-handshake (killed, or stopped by Ctrl-C). Rollouts are pickled. The child ignores Ctrl-C (the learner stops it at a round boundary) and reports a
-failure as a message on the queue before it exits; the learner also notices a child that
-died without a word (killed, out of memory) by its exit code.
+the actor dies mid-handshake (killed, or stopped by Ctrl-C). Rollouts are pickled. The child
+ignores Ctrl-C (the learner stops it at a round boundary) and reports a failure as a message
+on the queue before it exits; the learner also notices a child that died without a word
+(killed, out of memory) by its exit code.
 """
 
 from __future__ import annotations
@@ -78,12 +80,20 @@ def _act_forever(spec: ActorSpec, weights, out, stop) -> None:
     rng.setstate(spec.rng_state)
     counters = {"updates": 0, "sampler_version": 0, "samples": 0}
     reward_fns = build.reward_functions(cfg, spec.reward_funcs)
-    actor = Actor(cfg, accelerator, HFGenerator(model, tokenizer, eos_token_ids(model, tokenizer)), tokenizer,
-                  spec.train_set, rng, counters, policy=model, model=model, template=spec.template,
-                  chat=spec.chat, reward_fns=reward_fns, reward_errors={})
+    eos = eos_token_ids(model, tokenizer)
+    # HF generate samples from `model` itself; vLLM (an engine in this process, or a server) is
+    # loaded with `model`'s weights whenever a new version arrives
+    hf = cfg.rollout.backend == "hf"
+    generator = HFGenerator(model, tokenizer, eos) if hf else build.make_generator(cfg, model, tokenizer, eos,
+                                                                                   spec.start_path)
+    actor = Actor(cfg, accelerator, generator, tokenizer, spec.train_set, rng, counters, policy=model, model=model,
+                  template=spec.template, chat=spec.chat, reward_fns=reward_fns, reward_errors={})
     rnd, waited = spec.first_round, 0.0
     while not stop.is_set():
+        version = counters["sampler_version"]
         _load_newest(model, weights, counters, block=rnd == spec.first_round, stop=stop)
+        if not hf and (rnd == spec.first_round or counters["sampler_version"] != version):
+            generator.sync_weights(model)
         rollout = actor.act(rnd, spec.rows_per_rank)
         rollout.rng_state = rng.getstate()  # the learner saves it: a resume draws the next prompts
         rollout.actor_wait_seconds = waited

@@ -118,8 +118,16 @@ def datasets(cfg: TrainConfig, problems, eval_problems, kind: str = "rollout") -
     return train_set, evals
 
 
-def make_generator(cfg: TrainConfig, model, tokenizer, eos_ids, start_path):
-    if cfg.rollout.backend == "vllm":
+def make_generator(cfg: TrainConfig, model, tokenizer, eos_ids, start_path, backend: str | None = None):
+    """The sampler of `rollout.backend` (or `backend`: the asynchronous learner keeps HF generate
+    for its evaluations, and the actor process builds the configured one)."""
+    backend = backend or cfg.rollout.backend
+    if backend == "vllm-server":
+        from reval.rollout_vllm_server import VLLMServerGenerator
+
+        return VLLMServerGenerator(cfg.rollout.vllm_server, tokenizer, eos_ids,
+                                   cfg.rollout.vllm_weights_dir or cfg.run_dir / "vllm-weights")
+    if backend == "vllm":
         from reval.rollout_vllm import VLLMGenerator
 
         # bf16 on a GPU (its usual speed / memory trade; GRPO corrects for the sampler), the policy's
@@ -127,7 +135,8 @@ def make_generator(cfg: TrainConfig, model, tokenizer, eos_ids, start_path):
         return VLLMGenerator(str(start_path), tokenizer, dtype="bfloat16" if torch.cuda.is_available()
                              else cfg.model.dtype, seed=cfg.seed, eos_token_ids=eos_ids,
                              gpu_memory_utilization=cfg.rollout.vllm_gpu_memory_utilization)
-    return HFGenerator(model, tokenizer, eos_ids, separate_copy=cfg.rollout.sync_every > 1)
+    return HFGenerator(model, tokenizer, eos_ids, separate_copy=backend == cfg.rollout.backend and (
+        cfg.rollout.sync_every > 1 or cfg.rollout.lag > 0))
 
 
 

@@ -215,7 +215,7 @@ class Learner:
         self.lag_quantiles = cfg.schedule.mode == "async"
         self.on_update = None  # called after every update that changed the weights (asynchronous: the push)
         # the HF sampler samples from the policy itself at sync_every 1: no lag after an update
-        self.follows_policy = cfg.rollout.sync_every == 1 and cfg.rollout.backend == "hf"
+        self.follows_policy = cfg.rollout.sync_every == 1 and cfg.rollout.lag == 0 and cfg.rollout.backend == "hf"
 
     def learn(self, rollout) -> list[dict]:
         """Store the rollout's answers, take the round's K updates; their metrics, one per update."""

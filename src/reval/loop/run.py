@@ -106,7 +106,10 @@ class Run:
         self.ckpt, self.start_path, self.train_set, self.reward_funcs = ckpt, start_path, train_set, reward_funcs
         self._models(ckpt, start_path)
         self._prompts_and_rewards(train_set, problems, reward_funcs)
-        generator = build.make_generator(cfg, self.model, self.tokenizer, self.eos_ids, start_path)
+        # asynchronous: the actor process samples; this process evaluates with HF generate
+        generator = build.make_generator(cfg, self.model, self.tokenizer, self.eos_ids, start_path,
+                                         backend="hf" if cfg.schedule.mode == "async" else None)
+        self.remote_sampler = cfg.rollout.backend != "hf" and cfg.schedule.mode == "sync"  # a vLLM engine or server
         self.counters = {"round": 0, "updates": 0, "samples": 0, "seconds": 0.0, "ref_version": 0,
                          "sampler_version": 0}
         # consecutive skipped updates, rounds without a scored answer, rounds without a learning
@@ -126,7 +129,7 @@ class Run:
         self.learner = Learner(cfg, accelerator, self.policy, self.reference, self.optimizer, self.buffer,
                                self.ref_cache, self.rngs["buffer"], self.counters, self.streaks,
                                self.rows_per_rank, self.tokenizer.pad_token_id, self.run_dir, sampler=generator)
-        if self.counters["sampler_version"] != self.counters["updates"] or cfg.rollout.backend == "vllm":
+        if self.counters["sampler_version"] != self.counters["updates"] or self.remote_sampler:
             self.actor.sync()  # a resumed or fresh vLLM sampler starts from the policy
         self.logger = MetricsLogger(self.run_dir, cfg.report_to, cfg.to_dict()) if self.main else None
         self.last_eval: dict = {}
@@ -277,7 +280,7 @@ class Run:
         rec = {"round": counters["round"], "samples": counters["samples"], "seconds": counters["seconds"]}
         results = {}
         seen = len(self.reward_errors)
-        if cfg.rollout.backend == "vllm" and counters["sampler_version"] != counters["updates"]:
+        if self.remote_sampler and counters["sampler_version"] != counters["updates"]:
             self.actor.sync()  # evaluate the policy, not the weights the engine sampled this round with
         with full_params(self.accelerator, self.policy):
             for name, problems_ in self.eval_sets.items():
@@ -286,7 +289,7 @@ class Run:
                     samples=cfg.eval.samples, max_new_tokens=cfg.max_new_tokens,
                     temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, template=self.template,
                     chat=self.chat, verifier=self.reward_fns[0], eos_token_ids=self.eos_ids,
-                    generator=self.actor.generator if cfg.rollout.backend == "vllm" else None,
+                    generator=self.actor.generator if self.remote_sampler else None,
                     columns=extra_columns(problems_), errors=self.reward_errors)
         if self.main:
             report_reward_errors(self.reward_errors, seen, "evaluation", "such answers count as wrong")

@@ -25,6 +25,8 @@ from reval.loop.run import Run
 def synchronous(run: Run) -> dict:
     """Rounds of act -> learn -> log / evaluate / checkpoint, until `cfg.rounds` or `should_stop`."""
     with run.running():
+        if run.cfg.rollout.lag:  # a staleness study: the actor keeps the versions it will sample with
+            run.learner.on_update = run.actor.remember
         while run.counters["round"] < run.cfg.rounds:
             t_round = time.time()
             rollout = run.actor.act(run.counters["round"], run.rows_per_rank)
