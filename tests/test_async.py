@@ -80,7 +80,7 @@ def test_a_push_after_a_lora_reference_reset_carries_the_merged_base(tiny_dir, t
     """The learner sends only trainable weights, except after a reference reset, when it sends
     all of them: a LoRA reset merges the adapter into the base, which the actor must see."""
     from reval.loop import build
-    from reval.loop.actor_process import ActorProcess, _load_newest, decode_weights
+    from reval.loop.actor_process import ActorProcess, _load_newest, decode_weights, encode_weights
     from reval.reference import Reference
 
     cfg = _config(tiny_dir, tmp_path, model__lora_rank=4)
@@ -110,6 +110,28 @@ def test_a_push_after_a_lora_reference_reset_carries_the_merged_base(tiny_dir, t
     assert torch.allclose(stale, learner_model(ids).logits, atol=1e-4)  # a reset keeps the policy
     base = [n for n, _ in learner_model.named_parameters() if "lora" not in n and "q_proj.base_layer" in n][0]
     assert torch.equal(dict(actor_model.named_parameters())[base], dict(learner_model.named_parameters())[base])
+
+    # pushes the actor has not taken are replaced: one waits; and a complete push (a reset) that a
+    # later trainable-only push replaces still reaches the actor (the bug: the base stayed stale)
+    Reference(learner_model).reset(optimizer)
+    with torch.no_grad():
+        for name, p in learner_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    pusher.push(version=4, ref_version=2)
+    pusher.push(version=5, ref_version=2)
+    pusher.push(version=6, ref_version=2)
+    assert pusher.weights.qsize() == 1
+    _load_newest(actor_model, pusher.weights, counters, block=False, stop=stop)
+    assert counters["updates"] == 6
+    assert torch.allclose(actor_model(ids).logits, learner_model(ids).logits, atol=1e-5)
+    assert torch.equal(dict(actor_model.named_parameters())[base], dict(learner_model.named_parameters())[base])
+    # the actor side alone: a complete push followed by a trainable-only one, both waiting
+    pusher.weights.put((7, encode_weights({base: torch.zeros_like(dict(learner_model.named_parameters())[base])}),
+                        True))
+    pusher.weights.put((8, encode_weights({}), False))
+    _load_newest(actor_model, pusher.weights, counters, block=False, stop=stop)
+    assert counters["updates"] == 8 and dict(actor_model.named_parameters())[base].abs().sum() == 0
 
 
 @pytest.mark.slow

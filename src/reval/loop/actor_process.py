@@ -106,26 +106,31 @@ def _act_forever(spec: ActorSpec, weights, out, stop) -> None:
 
 @torch.no_grad()
 def _load_newest(model, weights, counters: dict, block: bool, stop) -> None:
-    """Load the newest weights waiting in `weights` (older ones are skipped); with `block`,
-    wait for the first push (the learner's weights at the start or the resumed checkpoint)."""
-    newest = None
+    """Load the newest weights waiting in `weights`; with `block`, wait for the first push (the
+    learner's weights at the start or the resumed checkpoint). Older trainable-only pushes are
+    skipped; the newest complete one (after a reference reset: the merged base) is loaded first."""
+    pending = []
     while True:
         try:
-            newest = weights.get(timeout=POLL_SECONDS) if block and newest is None else weights.get_nowait()
+            pending.append(weights.get(timeout=POLL_SECONDS) if block and not pending else weights.get_nowait())
         except queue.Empty:
-            if newest is not None or not block or stop.is_set():
+            if pending or not block or stop.is_set():
                 break
-            continue
-    if newest is None:
+    if not pending:
         return
-    version, state = newest[0], decode_weights(newest[1])
+    complete = [item for item in pending[:-1] if item[2]]
+    for version, data, _ in (complete[-1:] + pending[-1:]):
+        _copy_into(model, decode_weights(data))
+    counters["updates"] = counters["sampler_version"] = pending[-1][0]
+
+
+def _copy_into(model, state: dict[str, torch.Tensor]) -> None:
     params = dict(model.named_parameters())
     for name, tensor in state.items():  # trainable weights, or every weight after a reference reset
         target = params.get(name)
         if target is None:
             target = model.get_buffer(name)
         target.copy_(tensor)
-    counters["updates"] = counters["sampler_version"] = version
 
 
 def encode_weights(state: dict[str, torch.Tensor]) -> bytes:
@@ -200,12 +205,19 @@ class ActorProcess:
     @torch.no_grad()
     def push(self, version: int, ref_version: int) -> None:
         """Send the policy's weights, tagged with its version: the trainable ones, or all of them
-        after a reference reset (a LoRA reset merges the adapter into the base weights)."""
+        after a reference reset (a LoRA reset merges the adapter into the base weights). A push
+        the actor has not taken yet is replaced (complete if either was): while the actor samples
+        a round, at most one copy waits, not one per update."""
         full = ref_version != self.pushed_ref_version
+        while True:  # one push waits at a time: the actor would load only the newest anyway
+            try:
+                full = self.weights.get_nowait()[2] or full  # a waiting complete push is not lost
+            except queue.Empty:
+                break
         state = {name: p.detach() for name, p in self.model.named_parameters() if full or p.requires_grad}
         if full:
             state.update({name: b.detach() for name, b in self.model.named_buffers()})
-        self.weights.put((version, encode_weights(state)))
+        self.weights.put((version, encode_weights(state), full))
         self.pushed_ref_version = ref_version
 
     def next_rollout(self):
