@@ -184,8 +184,16 @@ def test_kill_9_then_resume_loses_nothing_and_counts_nothing_twice(tiny_dir, tmp
     args = [*SMALL, "--model.path", str(tiny_dir), "--rounds", "5", "--checkpoint-every", "1", "--out", str(run)]
     proc = subprocess.Popen([*CMD, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ONE_THREAD)
     _wait_for(lambda: (run / "checkpoints" / "round-000002").exists(), 300, proc)
+    actor = psutil.Process(_actor_pid(proc))
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+
+    def actor_gone() -> bool:  # an orphaned actor would hold its memory until killed by hand
+        try:
+            return actor.status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return True
+    _wait_for(actor_gone, 60)
     before = [r for r in read_metrics(run / "metrics.jsonl") if r["round"] <= 2]
     done = subprocess.run([*CMD, "--resume", str(run), "--no-progress"], capture_output=True, text=True,
                           timeout=600, env=ONE_THREAD)

@@ -19,6 +19,7 @@ on the queue before it exits; the learner also notices a child that died without
 from __future__ import annotations
 
 import dataclasses
+import os
 import pickle
 import queue
 import signal
@@ -52,8 +53,10 @@ class ActorDied(ChildProcessError):
 
 
 def actor_main(spec: ActorSpec, weights: "queue.Queue", out: "queue.Queue", stop) -> None:
-    """The child's entry point: act until `stop` is set, pushing rollouts to `out`."""
+    """The child's entry point: act until `stop` is set or the learner is gone, pushing
+    rollouts to `out`."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the learner decides when to stop
+    stop = _StopOrOrphaned(stop, os.getppid())
     try:
         _act_forever(spec, weights, out, stop)
     except BaseException as e:  # noqa: BLE001 - reported to the learner, which raises it
@@ -144,6 +147,18 @@ def decode_weights(data: bytes) -> dict[str, torch.Tensor]:
     from safetensors.torch import load
 
     return load(data)
+
+
+class _StopOrOrphaned:
+    """`stop`, also set once the learner has died without setting it (kill -9): the actor's
+    parent is then no longer the learner, and an actor left running would hold its memory (a
+    vLLM engine: its GPU memory) until killed by hand."""
+
+    def __init__(self, stop, parent_pid: int):
+        self.stop, self.parent_pid = stop, parent_pid
+
+    def is_set(self) -> bool:
+        return self.stop.is_set() or os.getppid() != self.parent_pid
 
 
 def _put(out, item, stop) -> bool:
