@@ -193,7 +193,13 @@ def test_kill_9_then_resume_loses_nothing_and_counts_nothing_twice(tiny_dir, tmp
             return actor.status() == psutil.STATUS_ZOMBIE
         except psutil.NoSuchProcess:
             return True
-    _wait_for(actor_gone, 60)
+    deadline = time.time() + 120
+    while not actor_gone() and time.time() < deadline:
+        time.sleep(0.2)
+    if not actor_gone():
+        info = actor.as_dict(["status", "ppid", "num_threads", "cpu_times"])
+        actor.kill()
+        pytest.fail(f"the actor outlived the killed learner (pid {proc.pid}) by 120 s: {info}")
     before = [r for r in read_metrics(run / "metrics.jsonl") if r["round"] <= 2]
     done = subprocess.run([*CMD, "--resume", str(run), "--no-progress"], capture_output=True, text=True,
                           timeout=600, env=ONE_THREAD)

@@ -158,7 +158,11 @@ class _StopOrOrphaned:
         self.stop, self.parent_pid = stop, parent_pid
 
     def is_set(self) -> bool:
-        return self.stop.is_set() or os.getppid() != self.parent_pid
+        if os.getppid() != self.parent_pid:
+            # nothing to flush and no one to tell: leave now, skipping the exit handlers (a queue's
+            # feeder thread would wait forever to hand its last rollout to the dead learner)
+            os._exit(0)
+        return self.stop.is_set()
 
 
 def _put(out, item, stop) -> bool:
