@@ -262,3 +262,40 @@ def test_the_python_api_runs_the_asynchronous_schedule(tmp_path):
     result = ReValTrainer(reward_funcs=[boxed_solution], train_dataset=rows, args=args).train()
     assert args.schedule.mode == "async" and (result["round"], result["samples"]) == (2, 32)
     assert any(r["rollout/reward_mean"] > 0 for r in _rounds(tmp_path / "run"))  # scored in the actor process
+
+
+BLOCKED_ACTOR = """
+import multiprocessing as mp, os, sys, threading, time
+from reval.loop.actor_process import _exit_when_orphaned
+
+def actor(parent):
+    threading.Thread(target=_exit_when_orphaned, args=(parent,), daemon=True).start()
+    r, w = os.pipe()
+    os.read(r, 1)  # blocked for good, as on a weight push the learner died while writing
+
+if __name__ == "__main__":
+    p = mp.get_context("spawn").Process(target=actor, args=(os.getpid(),))
+    p.start()
+    print(p.pid, flush=True)
+    time.sleep(600)
+"""
+
+
+def test_an_actor_blocked_for_good_still_leaves_when_the_learner_dies(tmp_path):
+    """The watchdog, not the main thread, notices the learner is gone (kill -9 mid-push left an
+    actor blocked in a pipe read, for good, in one CI run)."""
+    script = tmp_path / "learner.py"
+    script.write_text(BLOCKED_ACTOR)
+    learner = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    actor = psutil.Process(int(learner.stdout.readline()))
+    time.sleep(1)
+    assert actor.is_running() and actor.status() != psutil.STATUS_ZOMBIE
+    learner.kill()
+    learner.wait()
+    try:
+        actor.wait(timeout=30)
+    except psutil.TimeoutExpired:
+        actor.kill()
+        pytest.fail("the blocked actor outlived the learner")
+    except psutil.NoSuchProcess:
+        pass

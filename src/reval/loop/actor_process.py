@@ -23,6 +23,7 @@ import os
 import pickle
 import queue
 import signal
+import threading
 import time
 import traceback
 
@@ -56,7 +57,7 @@ def actor_main(spec: ActorSpec, weights: "queue.Queue", out: "queue.Queue", stop
     """The child's entry point: act until `stop` is set or the learner is gone, pushing
     rollouts to `out`."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the learner decides when to stop
-    stop = _StopOrOrphaned(stop, os.getppid())
+    threading.Thread(target=_exit_when_orphaned, args=(os.getppid(),), daemon=True).start()
     try:
         _act_forever(spec, weights, out, stop)
     except BaseException as e:  # noqa: BLE001 - reported to the learner, which raises it
@@ -149,20 +150,14 @@ def decode_weights(data: bytes) -> dict[str, torch.Tensor]:
     return load(data)
 
 
-class _StopOrOrphaned:
-    """`stop`, also set once the learner has died without setting it (kill -9): the actor's
-    parent is then no longer the learner, and an actor left running would hold its memory (a
-    vLLM engine: its GPU memory) until killed by hand."""
-
-    def __init__(self, stop, parent_pid: int):
-        self.stop, self.parent_pid = stop, parent_pid
-
-    def is_set(self) -> bool:
-        if os.getppid() != self.parent_pid:
-            # nothing to flush and no one to tell: leave now, skipping the exit handlers (a queue's
-            # feeder thread would wait forever to hand its last rollout to the dead learner)
-            os._exit(0)
-        return self.stop.is_set()
+def _exit_when_orphaned(parent_pid: int) -> None:
+    """A watchdog thread: once the learner has died without stopping the actor (kill -9), the
+    actor's parent is no longer the learner; leave at once, from wherever the main thread is
+    (it may be blocked for good reading a weight push the learner died while writing), so that
+    no actor holds its memory (a vLLM engine: its GPU memory) into the resumed run."""
+    while os.getppid() == parent_pid:
+        time.sleep(POLL_SECONDS)
+    os._exit(0)  # nothing to flush and no one to tell: skip the exit handlers too
 
 
 def _put(out, item, stop) -> bool:
