@@ -214,7 +214,8 @@ def staleness_summary(out: Path, budget: Budget) -> dict:
     table: dict = {}
     for name in METHODS:
         for lag in budget.lags:
-            label = f"{'grpo' if (name, lag) == ('grpo_nocorr', 0) else name}_lag{lag}"
+            shared = "grpo" if (name, lag) == ("grpo_nocorr", 0) else None  # the same run (see staleness_specs)
+            label = f"{shared or name}_lag{lag}"
             results = runs.get(label, [])
             if not results:
                 continue
@@ -225,7 +226,7 @@ def staleness_summary(out: Path, budget: Budget) -> dict:
                 "answers_to_target": answers, "mean_final_accuracy": round(mean(final), 4),
                 "mean_answers_to_target": round(mean(_never_as(answers, never)), 1),
                 "reached": sum(a is not None for a in answers),
-                "shared_with": "grpo" if label.startswith("grpo_lag0") and name == "grpo_nocorr" else None}
+                "shared_with": shared}
     for name, lags in table.items():  # what the lag costs, against the method's own lag 0
         base = lags.get("0")
         for cell in lags.values():
