@@ -13,9 +13,12 @@ disabled (see `reval.reference`).
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import string
+import sys
+import warnings
 from importlib import resources
 from pathlib import Path
 
@@ -87,13 +90,22 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, *,
                trust_remote_code: bool = False):
     """Load `(model, tokenizer)` from a local directory or hub id (the tokenizer from
     `tokenizer_path` if given: a checkpoint's reference/ holds weights only); a clear error
-    naming the file if the directory is missing, incomplete or damaged."""
+    naming the file if the directory is missing, incomplete or damaged.
+
+    Two directories a run writes load as the policy it trained: a LoRA checkpoint's model/
+    (a peft adapter: merged into its base model) and a run directory (its newest checkpoint,
+    named in one line on stderr)."""
     p = Path(path)
     if not p.exists() and (str(path).startswith((".", "/")) or p.suffix):
         raise FileNotFoundError(
             f"model directory {str(path)!r} does not exist; pass a directory written by "
             "`reval pretrain`/`save_pretrained`, or omit it to use the shipped model"
         )
+    if p.is_dir() and _is_run_dir(p):
+        p = path = _newest_checkpoint_model(p)
+    if p.is_dir() and (p / "adapter_config.json").is_file() and not (p / "config.json").is_file():
+        return _load_merged_lora(p, dtype, attn_implementation=attn_implementation,
+                                 trust_remote_code=trust_remote_code)
     if p.is_dir():
         _check_model_dir(p, tokenizer=tokenizer_path is None)
     try:
@@ -114,6 +126,71 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, *,
     return model, tokenizer
 
 
+def _is_run_dir(p: Path) -> bool:
+    """A `reval train` output directory: its config.json is a run's (no `model_type`), or it
+    has checkpoints/ and no config.json."""
+    try:
+        config = json.loads((p / "config.json").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return (p / "checkpoints").is_dir()
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return False  # _check_model_dir names the damaged file
+    return isinstance(config, dict) and "algo" in config and "model_type" not in config
+
+
+def _newest_checkpoint_model(run: Path) -> Path:
+    """model/ of the run's newest checkpoint (complete: written under a temporary name, then
+    renamed), said on stderr, since the user named the run and not the round."""
+    from reval.checkpoint import latest_checkpoint
+
+    ckpt = latest_checkpoint(run)
+    if ckpt is None:
+        raise OSError(f"{run} is a run directory with no checkpoint (nothing in {run / 'checkpoints'}); "
+                      "train until one is written (--checkpoint-every), or pass a model directory")
+    print(f"{run} is a run directory: loading its newest checkpoint, {ckpt / 'model'}", file=sys.stderr)
+    return ckpt / "model"
+
+
+def _load_merged_lora(adapter: Path, dtype: torch.dtype, **kwargs):
+    """A LoRA checkpoint's model/ (a peft adapter, no weights of its own) merged into its base
+    (peft's `merge_and_unload`): a plain HF model of the trained policy, as fast as the base.
+
+    The base is the checkpoint's reference/ when there is one (a reference reset merged the
+    earlier adapter into the base weights, as `reval.loop.build.load_policy` does on resume),
+    else the model adapter_config.json names (`base_model_name_or_path`)."""
+    config_file = adapter / "adapter_config.json"
+    named_by = f"base_model_name_or_path in {config_file}"
+    if (adapter.parent / "reference" / "config.json").is_file():
+        base, named_by = str(adapter.parent / "reference"), "the checkpoint's reference/, the base after a reset"
+    else:
+        try:
+            base = json.loads(config_file.read_text(encoding="utf-8")).get("base_model_name_or_path")
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError, AttributeError) as e:
+            raise OSError(f"{config_file} is unreadable ({type(e).__name__}: {e}); the LoRA checkpoint is "
+                          "damaged") from None
+        if not base:
+            raise OSError(f"{config_file} names no base model (base_model_name_or_path); set it to the "
+                          "model the adapter was trained on")
+    own_tokenizer = any((adapter / f).is_file() for f in TOKENIZER_FILES)  # reference/ holds weights only
+    try:
+        if base.startswith(("/", ".")) and not Path(base).exists():
+            raise FileNotFoundError("it does not exist")
+        model, tokenizer = load_model(base, dtype, tokenizer_path=adapter if own_tokenizer else None, **kwargs)
+    except OSError as e:
+        raise OSError(f"the LoRA checkpoint {adapter} is an adapter on the base model {base!r} ({named_by}), "
+                      f"which could not be loaded ({e}). Put the base model back at {base!r}, or set "
+                      f"base_model_name_or_path in {config_file} to where it is now") from None
+    from peft import PeftModel
+
+    try:
+        with no_peft_deprecation_warning():
+            model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as e:
+        raise OSError(f"could not apply the LoRA adapter {adapter} to {base!r} ({type(e).__name__}: {e}); "
+                      "is it the base model the adapter was trained on, and the adapter complete?") from None
+    return model, tokenizer
+
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
 
 
@@ -128,10 +205,8 @@ def _check_model_dir(p: Path, tokenizer: bool = True) -> None:
                           "damaged: write it again with save_pretrained") from None
 
     if not (p / "config.json").is_file():
-        lora = " (a LoRA checkpoint's model/ needs its base model: see the README)" \
-            if (p / "adapter_config.json").is_file() else ""
         raise OSError(f"{p / 'config.json'} is missing: {p} is not a model directory written by "
-                      f"save_pretrained{lora}")
+                      "save_pretrained")
     readable_json("config.json")
     if tokenizer and not any((p / f).is_file() for f in TOKENIZER_FILES):
         raise OSError(f"{p} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}); save the tokenizer "
@@ -176,7 +251,19 @@ def add_lora(model, rank: int, alpha: float, target_modules: str | list[str] = "
         raise ImportError("LoRA needs peft (a dependency of reval): pip install peft") from None
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, task_type="CAUSAL_LM",
                         target_modules=target_modules)
-    return get_peft_model(model, config)
+    with no_peft_deprecation_warning():
+        return get_peft_model(model, config)
+
+
+@contextlib.contextmanager
+def no_peft_deprecation_warning():
+    """Around wrapping a model in peft: peft (0.21) reads `model.is_gradient_checkpointing`,
+    which transformers 5 deprecates with a FutureWarning on every LoRA run. The call is peft's,
+    not ours, so exactly that warning is silenced, only here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.* is deprecated",
+                                category=FutureWarning)
+        yield
 
 
 def is_peft(model) -> bool:

@@ -10,7 +10,7 @@ import torch
 from reval import offline
 from reval.config import TrainConfig
 from reval.distributed import whole_models
-from reval.model import add_lora, load_model
+from reval.model import add_lora, load_model, no_peft_deprecation_warning
 from reval.qhead import attach_qadapter
 from reval.reference import Reference
 from reval.rollout import HFGenerator
@@ -63,7 +63,8 @@ def load_policy(cfg: TrainConfig, ckpt: Path | None, start_path):
     if ckpt:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, ckpt / "model", is_trainable=True)
+        with no_peft_deprecation_warning():
+            model = PeftModel.from_pretrained(model, ckpt / "model", is_trainable=True)
     else:
         targets = cfg.model.lora_target_modules
         model = add_lora(model, cfg.model.lora_rank, cfg.model.lora_alpha,
