@@ -3,7 +3,10 @@
     reval plot runs/reval runs/grpo --out compare.png
 
 Draws evaluation accuracy and mean reward against answers generated and against
-training seconds, one line per run, so runs can be compared on either budget.
+training seconds, one line per run, so runs can be compared on either budget. Offline runs
+(mle, iq, dpo, qadapter) generate no answers and earn no reward: their x axis is the
+examples they learned from (demonstrations or pairs, what `samples` counts for them) and
+their training curve is the loss, as a TRL trainer's log shows it.
 """
 
 from __future__ import annotations
@@ -25,8 +28,17 @@ class PlotArgs:
     out: Path | None = None
     """The image to write (.png, .pdf, .svg); default: plot.png in the first run directory."""
     metric: str = "auto"
-    """The evaluation metric to draw (e.g. eval/accuracy, eval/mean@8); auto: eval/accuracy if
-    logged, else the first eval/ metric found."""
+    """The metric of the top row: any metric a run logged (eval/accuracy, eval/mean@8, loss/nll,
+    rewards/accuracy, ...); auto: eval/accuracy if logged, else the first eval/ metric found."""
+
+
+# The bottom row, by what a run logged: an online run's mean reward per round, else an offline
+# run's loss; with the x axis's meaning (`samples`) and the y axis's label
+TRAIN_METRICS = {
+    "rollout/reward_mean": ("answers generated", "mean reward of the round's answers"),
+    "loss/total": ("examples learned from (demonstrations or pairs)", "training loss"),
+}
+COUNTERS = ("round", "samples", "seconds", "updates")  # the x axes, not metrics
 
 
 def _metrics_file(run: Path) -> Path:
@@ -36,15 +48,22 @@ def _metrics_file(run: Path) -> Path:
     return path
 
 
-def _eval_metric(rows: list[dict], wanted: str) -> str | None:
-    keys = [k for r in rows for k in r if k.startswith("eval/") and isinstance(r[k], (int, float))]
+def _logged(rows: list[dict]) -> list[str]:
+    """The numeric metrics a run logged, in the order they first appear."""
+    return list(dict.fromkeys(k for r in rows for k, v in r.items()
+                              if k not in COUNTERS and isinstance(v, (int, float)) and not isinstance(v, bool)))
+
+
+def _top_metric(logged: list[str], wanted: str) -> str | None:
     if wanted != "auto":
-        return wanted if wanted in keys else None
-    return "eval/accuracy" if "eval/accuracy" in keys else (keys[0] if keys else None)
+        return wanted if wanted in logged else None
+    evals = [k for k in logged if k.startswith("eval/")]
+    return "eval/accuracy" if "eval/accuracy" in evals else (evals[0] if evals else None)
 
 
 def plot_runs(args: PlotArgs) -> Path:
-    """Write the figure; returns its path. A run without the metric contributes its reward only."""
+    """Write the figure; returns its path. A run without the top row's metric contributes its
+    training curve only; a run with nothing to draw is an error, never an empty figure."""
     if not args.runs:
         raise ValueError("reval plot: name at least one run directory")
     series = {}
@@ -52,34 +71,48 @@ def plot_runs(args: PlotArgs) -> Path:
         rows = read_metrics(_metrics_file(run))
         if not rows:
             raise ValueError(f"{run}: metrics.jsonl holds no records yet")
-        metric = _eval_metric(rows, args.metric)
+        logged = _logged(rows)
+        metric = _top_metric(logged, args.metric)
+        train = next((m for m in TRAIN_METRICS if m in logged), None)
         label = run.name if run.is_dir() else run.parent.name
-        series[label if label not in series else str(run)] = {
-            "metric": metric,
+        series[label if label not in series else str(run)] = s = {
+            "metric": metric, "logged": logged, "train_metric": train,
             "eval": [r for r in rows if metric is not None and metric in r],
-            "train": [r for r in rows if "rollout/reward_mean" in r],
+            "train": [r for r in rows if train is not None and train in r],
         }
+        if not s["eval"] and not s["train"]:
+            raise ValueError(f"{run}: nothing to plot: no eval/ metric, {' or '.join(TRAIN_METRICS)}; it logged: "
+                             f"{', '.join(logged) or 'no metrics'}")
     if args.metric != "auto" and all(s["metric"] is None for s in series.values()):
-        raise ValueError(f"--metric {args.metric}: no run logged it")
+        raise ValueError(f"--metric {args.metric}: no run logged it; they logged: "
+                         + "; ".join(f"{label}: {', '.join(s['logged'])}" for label, s in series.items()))
 
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7), sharey="row")
-    for label, s in series.items():
-        for col, x in enumerate(("samples", "seconds")):
-            if s["eval"]:
-                axes[0, col].plot([r[x] for r in s["eval"]], [100 * r[s["metric"]] for r in s["eval"]],
-                                  marker="o", markersize=3, label=label)
-            axes[1, col].plot([r[x] for r in s["train"]], [r["rollout/reward_mean"] for r in s["train"]],
-                              label=label)
-    metrics = sorted({s["metric"] for s in series.values() if s["metric"]})
-    for col, xlabel in enumerate(("answers generated", "training seconds (generation + updates)")):
-        axes[1, col].set_xlabel(xlabel)
-    axes[0, 0].set_ylabel(f"{', '.join(metrics) or 'no eval metric'} (%)")
-    axes[1, 0].set_ylabel("mean reward of the round's answers")
+    metrics = sorted({s["metric"] for s in series.values() if s["eval"]})
+    drawn = [m for m in TRAIN_METRICS if any(s["train_metric"] == m for s in series.values())]
+    panels = {}  # the rows with data, and their y labels
+    if metrics:
+        panels["eval"] = ", ".join(metrics) + (" (%)" if all(m.startswith("eval/") for m in metrics) else "")
+    if drawn:
+        panels["train"] = "\n".join(TRAIN_METRICS[m][1] for m in drawn)
+    fig, axes = plt.subplots(len(panels), 2, figsize=(11, 0.5 + 3.3 * len(panels)), sharey="row", squeeze=False)
+    for row, (key, ylabel) in enumerate(panels.items()):
+        for label, s in series.items():
+            metric = s["metric"] if key == "eval" else s["train_metric"]
+            scale = 100 if metric and metric.startswith("eval/") else 1  # accuracies in percent
+            style = {"marker": "o", "markersize": 3} if key == "eval" else {}
+            for col, x in enumerate(("samples", "seconds")):
+                if s[key]:
+                    axes[row, col].plot([r[x] for r in s[key]], [scale * r[metric] for r in s[key]], label=label,
+                                        **style)
+        axes[row, 0].set_ylabel(ylabel)
+    budget = " / ".join(TRAIN_METRICS[m][0] for m in drawn) or "answers generated"  # what `samples` counts
+    for col, xlabel in enumerate((budget, "training seconds (generation + updates)")):
+        axes[-1, col].set_xlabel(xlabel)
     for ax in axes.flat:
         ax.grid(alpha=0.3)
         if ax.get_lines():
