@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import torch
+
 from reval.config import TrainConfig
 from reval.metrics import read_metrics
 from reval.train import train
@@ -95,7 +97,8 @@ def run_demo(cfg: DemoConfig) -> dict:
         shutil.rmtree(tc.run_dir, ignore_errors=True)  # the demo's own runs: start afresh
         t0 = time.time()
         train(tc)
-        evals = [r for r in read_metrics(tc.run_dir / "metrics.jsonl") if "eval/accuracy" in r]
+        rows = read_metrics(tc.run_dir / "metrics.jsonl")
+        evals = [r for r in rows if "eval/accuracy" in r]
         summary[algo] = {
             "task": cfg.task,
             "updates_per_round": tc.updates_per_round,
@@ -105,6 +108,9 @@ def run_demo(cfg: DemoConfig) -> dict:
             "samples_generated": evals[-1]["samples"],
             "seconds": round(time.time() - t0, 1),
             "train_seconds": round(evals[-1]["seconds"], 1),
+            "generate_seconds": round(sum(r.get("perf/generate_seconds", 0.0) for r in rows), 1),
+            "update_seconds": round(sum(r.get("perf/update_seconds", 0.0) for r in rows), 1),
+            "torch_threads": torch.get_num_threads(),  # float sums, so the sampled answers, depend on it
             "samples_to_threshold": next((r["samples"] for r in evals if r["eval/accuracy"] >= threshold), None),
             "threshold": threshold,
             "curve": [{"samples": r["samples"], "seconds": round(r["seconds"], 2),
