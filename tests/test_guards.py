@@ -161,8 +161,8 @@ def test_a_run_that_scores_nothing_stops_with_the_likely_causes(tiny_dir, tmp_pa
     cfg = _tiny_cfg(tiny_dir, tmp_path / "run")
     cfg.task.rewards = ("needs_solution",)
     cfg.rollout.max_unscored_rounds = 2
-    with pytest.raises(ValueError, match=r"no answer could be scored in 2 rounds in a row \(round 1: 8 reward "
-                                         r"failures among 8 answers\).*needs_solution.*reward_timeout = 30s "
+    with pytest.raises(ValueError, match=r"no answer could be scored in 2 rounds in a row \(rounds 1-2; round 2: "
+                                         r"8 reward failures among 8 answers\).*needs_solution.*reward_timeout = 30s "
                                          r"is too short.*lacks a column.*answer, question"):
         train(cfg)
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

@@ -26,7 +26,8 @@ those is what this module is for. The model itself is saved by transformers / pe
 
 On resume `find_resumable` verifies the newest checkpoint against its manifest and checks
 that every part the resume needs is there and consistent; a damaged one is set aside as
-`damaged-round-*` with the reason, and the next newest is tried.
+`damaged-round-*` with the reason, and the next newest is tried. A resume that names an
+earlier checkpoint sets the newer ones aside as `superseded-round-*`.
 """
 
 from __future__ import annotations
@@ -45,10 +46,16 @@ from safetensors.torch import load_file, save_file
 PREFIX = "round-"
 MANIFEST = "manifest.json"
 DAMAGED = "damaged-"
+SUPERSEDED = "superseded-"  # newer than the checkpoint a resume named
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be resumed from; the message says what is wrong with it."""
+
+
+class RunExistsError(ValueError):
+    """A fresh run in a directory that already holds one. The message speaks the command line;
+    `ReValTrainer.train` says it again in Python terms."""
 
 
 # ---------------------------------------------------------------------------------------
@@ -414,27 +421,35 @@ def _legacy_state(ckpt: Path, rank: int) -> dict:
     return state
 
 
-def find_resumable(run_dir: Path, log=print) -> tuple[Path | None, dict | None]:
+def find_resumable(run_dir: Path, log=print, checkpoint: Path | str | None = None) -> tuple[Path | None, dict | None]:
     """The newest checkpoint of `run_dir` that verifies, with its state (rank 0's part).
 
     Each newer one that does not verify is reported through `log` and renamed to
     `damaged-round-*` (kept for inspection, never resumed). Returns (None, None) when the
     run has no checkpoint; raises `CheckpointError` when it has some and none verifies.
     Called on rank 0 only: the other ranks read the one it chose (`verify_checkpoint`).
+
+    `checkpoint` names the one to resume from instead (TRL's `resume_from_checkpoint="PATH"`):
+    it must be one of this run's and verify, or `CheckpointError` names it. The newer ones
+    are set aside as `superseded-round-*` (kept, never resumed: the run continues from the
+    named round, and a later resume must not pick them as the newest).
     """
     _recover_interrupted_replace(run_dir)
     found = list_checkpoints(run_dir)
+    named = _of_run(run_dir, found, checkpoint) if checkpoint is not None else None
     problems = []
-    for ckpt in reversed(found):
+    for ckpt in [named] if named else reversed(found):
         try:
             state = verify_checkpoint(ckpt)
         except CheckpointError as e:
+            if named:
+                raise CheckpointError(f"cannot resume from {checkpoint}: {e}") from None
             problems.append(f"{ckpt.name}: {e}")
             log(f"checkpoint {ckpt} cannot be resumed from: {e}")
             continue
-        for bad in found[found.index(ckpt) + 1:]:
-            aside = _set_aside(bad)
-            log(f"set {bad.name} aside as {aside.name}; resuming from {ckpt.name}")
+        for newer in found[found.index(ckpt) + 1:]:
+            aside = _set_aside(newer, SUPERSEDED if named else DAMAGED)
+            log(f"set {newer.name} aside as {aside.name}; resuming from {ckpt.name}")
         return ckpt, state
     if not found:
         return None, None
@@ -442,6 +457,16 @@ def find_resumable(run_dir: Path, log=print) -> tuple[Path | None, dict | None]:
         f"no checkpoint in {Path(run_dir) / 'checkpoints'} can be resumed from:\n  " + "\n  ".join(problems)
         + f"\nStart the run again in a new directory (reval train --config {Path(run_dir) / 'config.json'} "
           "--out NEW_DIR), or delete the checkpoints and metrics.jsonl of this one.")
+
+
+def _of_run(run_dir: Path, found: list[Path], checkpoint: Path | str) -> Path:
+    """`checkpoint` as one of `found` (the run's checkpoints); `CheckpointError` otherwise."""
+    for ckpt in found:
+        if ckpt.resolve() == Path(checkpoint).resolve():
+            return ckpt
+    raise CheckpointError(f"{checkpoint} is not a checkpoint of the run in {run_dir} (its checkpoints: "
+                          f"{', '.join(c.name for c in found) or 'none'}); name one of them, or resume from "
+                          "the newest")
 
 
 def _recover_interrupted_replace(run_dir: Path) -> None:
@@ -456,11 +481,11 @@ def _recover_interrupted_replace(run_dir: Path) -> None:
             os.replace(old, final)
 
 
-def _set_aside(ckpt: Path) -> Path:
-    aside = ckpt.with_name(DAMAGED + ckpt.name)
+def _set_aside(ckpt: Path, prefix: str = DAMAGED) -> Path:
+    aside = ckpt.with_name(prefix + ckpt.name)
     n = 1
     while aside.exists():
-        aside = ckpt.with_name(f"{DAMAGED}{ckpt.name}.{n}")
+        aside = ckpt.with_name(f"{prefix}{ckpt.name}.{n}")
         n += 1
     os.replace(ckpt, aside)
     return aside

@@ -1,7 +1,7 @@
 """The training loop: rounds of generate -> score -> store -> K updates -> evaluate.
 
     reval train --algo reval --rounds 40 --out runs/my-run
-    reval train --resume runs/my-run
+    reval train --resume runs/my-run                 # from any directory; --rounds N: N in all
 
 One round (blocks below come in the same order as the package's files):
   1. task      draw P training prompts

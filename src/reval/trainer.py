@@ -20,7 +20,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from reval.config import TrainConfig
+from reval.config import TrainConfig, close_names
 
 # TRL GRPOConfig names -> ours, so a TRL config's keywords carry over
 TRL_NAMES = {
@@ -38,7 +38,8 @@ TRL_NAMES = {
 
 class ReValConfig(TrainConfig):
     """`TrainConfig` built from keywords: a dotted name ("loss.beta"), a field's own name when
-    only one section has it ("beta", "lr", "samples_per_prompt"), or a TRL `GRPOConfig` name
+    only one section has it ("beta", "lr", "samples_per_prompt"), section and field joined by
+    "_" ("eval_every", "rollout_prompts_per_round"), or a TRL `GRPOConfig` name
     ("learning_rate", "num_generations", "output_dir", ...). `reval train --help` lists them all."""
 
     def __init__(self, **kwargs: Any):
@@ -48,19 +49,36 @@ class ReValConfig(TrainConfig):
 
 
 def config_key(key: str) -> str:
-    """The dotted field name a `ReValConfig` keyword refers to; ValueError naming the choices."""
-    key = TRL_NAMES.get(key, key)
-    cfg = TrainConfig()
-    if "." in key or key in {f.name for f in dataclasses.fields(cfg)}:
-        return key
-    sections = [f.name for f in dataclasses.fields(cfg) if dataclasses.is_dataclass(getattr(cfg, f.name))]
-    found = [f"{s}.{key}" for s in sections if key in {f.name for f in dataclasses.fields(getattr(cfg, s))}]
+    """The dotted field name a `ReValConfig` keyword refers to; ValueError naming the nearest
+    known names otherwise."""
+    names = _names()
+    found = names.get(key, [])
     if len(found) == 1:
         return found[0]
     if found:
         raise ValueError(f"ReValConfig: {key!r} is ambiguous; write one of {', '.join(found)}")
-    raise ValueError(f"ReValConfig: unknown setting {key!r}; see `reval train --help` for the names "
-                     "(dotted like loss.beta, or a field's own name like beta)")
+    near: dict[str, str] = {}  # the nearest spelling of each field
+    for name in close_names(key, list(names)):
+        near.setdefault(names[name][0], name if name == names[name][0] else f"{name} ({names[name][0]})")
+    hint = f" (did you mean {' or '.join(near.values())}?)" if near else ""
+    raise ValueError(f"ReValConfig: unknown setting {key!r}{hint}; see `reval train --help` for the names "
+                     "(dotted like loss.beta, a field's own name like beta, or section_field like eval_every)")
+
+
+def _names() -> dict[str, list[str]]:
+    """Every keyword `ReValConfig` accepts -> the dotted field(s) it may mean: top-level fields,
+    dotted names, own names, section_field names and TRL's names."""
+    cfg, names = TrainConfig(), {}
+    for f in dataclasses.fields(cfg):
+        names.setdefault(f.name, []).append(f.name)
+        section = getattr(cfg, f.name)
+        for leaf in dataclasses.fields(section) if dataclasses.is_dataclass(section) else ():
+            dotted = f"{f.name}.{leaf.name}"
+            for name in (dotted, leaf.name, f"{f.name}_{leaf.name}"):
+                names.setdefault(name, []).append(dotted)
+    for trl, ours in TRL_NAMES.items():
+        names[trl] = [ours]
+    return names
 
 
 def _set(cfg: TrainConfig, dotted: str, value: Any) -> None:
@@ -143,18 +161,31 @@ class ReValTrainer:
         return load_problems(dataset, preset=task.preset, question_field=task.question_field,
                              answer_field=task.answer_field, split=split)
 
-    def train(self, resume_from_checkpoint: bool = False) -> dict:
-        """Run (or, with `resume_from_checkpoint=True`, continue) the training in `args.out`;
-        returns the final evaluation and counters."""
+    def train(self, resume_from_checkpoint: bool | str | os.PathLike | None = False) -> dict:
+        """Run the training in `args.out`, or continue it as TRL does: `resume_from_checkpoint=True`
+        from the newest checkpoint, a path (`<output_dir>/checkpoints/round-000002`) from that one.
+        Resuming from an earlier round sets the newer checkpoints aside as `superseded-round-*`
+        and drops the metric lines after it, so that round's successors are trained once again
+        rather than mixed in. Returns the final evaluation and counters."""
+        from reval.checkpoint import RunExistsError, latest_checkpoint
         from reval.train import train
 
+        resume = resume_from_checkpoint or False
+        occupied = RunExistsError(
+            f"output_dir {self.args.run_dir} already holds a run; continue it with "
+            "trainer.train(resume_from_checkpoint=True), or give ReValConfig(output_dir=...) a new directory")
+        if not resume and latest_checkpoint(self.args.run_dir):  # before start-model/ is overwritten below
+            raise occupied
         if self._model is not None:
             start = self.args.run_dir / "start-model"
-            fresh = not resume_from_checkpoint or not (start / "config.json").exists()
+            fresh = not resume or not (start / "config.json").exists()
             if fresh and int(os.environ.get("RANK", "0")) == 0:  # other ranks load it after a barrier
                 model, tokenizer = self._model
                 model.save_pretrained(start)  # a fresh run replaces what an earlier attempt left
                 tokenizer.save_pretrained(start)
             self.args.model.path = str(start)
-        return train(self.args, resume=resume_from_checkpoint, problems=self.train_problems,
-                     eval_problems=self.eval_problems, reward_funcs=self.reward_funcs)
+        try:
+            return train(self.args, resume=resume, problems=self.train_problems,
+                         eval_problems=self.eval_problems, reward_funcs=self.reward_funcs)
+        except RunExistsError:  # said in the terms of this API rather than the command line's
+            raise occupied from None

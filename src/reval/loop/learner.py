@@ -262,7 +262,7 @@ class Learner:
             last = latest_checkpoint(self.run_dir)
             raise FloatingPointError(
                 f"{bad} updates in a row had a non-finite loss, gradient or weights "
-                f"(round {rnd}); stopping. Last good checkpoint: {last or 'none'}. "
+                f"(round {rnd + 1}); stopping. Last good checkpoint: {last or 'none'}. "
                 "Lower optim.lr or raise loss.beta, then resume or restart.")
         if track_staleness:  # the data of an offline run has no policy version
             lag = (counters["updates"] - batch.version).float()

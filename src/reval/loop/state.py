@@ -1,6 +1,7 @@
 """What survives a crash: writing a checkpoint (N ranks: one shared part, a shard each),
-choosing the one to resume from, trimming the metrics to it, and the fingerprint of what a
-run was given from Python, so a resume with other inputs is refused."""
+choosing the one to resume from, trimming the metrics to it, the fingerprint of what a run
+was given from Python, so a resume with other inputs is refused, and the absolute paths a run
+records, so it resumes from any directory."""
 
 from __future__ import annotations
 
@@ -54,17 +55,18 @@ def write_checkpoint(accelerator, policy, run_dir, cfg, model, tokenizer, refere
                         keep=cfg.keep_checkpoints, model_state_dict=full_state)
     accelerator.wait_for_everyone()
 
-def choose_checkpoint(run_dir: Path, accelerator):
+def choose_checkpoint(run_dir: Path, accelerator, checkpoint: Path | str | None = None):
     """(checkpoint, this rank's state) to resume from: rank 0 verifies (hashes) and sets damaged
-    ones aside, then tells the others which one, so every rank resumes the same round."""
+    ones aside, then tells the others which one, so every rank resumes the same round.
+    `checkpoint`: that one rather than the newest (`find_resumable`)."""
     if accelerator.num_processes == 1:
-        return find_resumable(run_dir, log=say)
+        return find_resumable(run_dir, log=say, checkpoint=checkpoint)
     from accelerate.utils import broadcast_object_list
 
     choice = [None]
     if accelerator.is_main_process:
         try:
-            ckpt, state = find_resumable(run_dir, log=say)
+            ckpt, state = find_resumable(run_dir, log=say, checkpoint=checkpoint)
             choice = [ckpt.name if ckpt else ""]
         except CheckpointError as e:
             choice = [e]
@@ -108,3 +110,27 @@ def truncate_metrics(path: Path, last_round: int) -> None:
         atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
 
 
+def logged_rounds(path: Path) -> int:
+    """The last round metrics.jsonl has a record of (0: none, or only the first evaluation)."""
+    return max((r["round"] for r in read_metrics(path)), default=0) if path.exists() else 0
+
+
+def absolute_paths(cfg):
+    """Name the run's files by absolute paths: task.data, task.eval_data, the file of a reward
+    "file.py:function" and model.path. config.json and the checkpoints then resume from any
+    directory, and a file named again on resume by another path compares equal. A value that
+    names nothing here (a hub id, a "module:function") is left as it is. Returns `cfg`, changed."""
+    def absolute(value):
+        path = Path(value).expanduser()
+        return str(path.resolve()) if path.exists() else value
+
+    def reward(spec):
+        where, _, fn = spec.rpartition(":") if isinstance(spec, str) else ("", "", "")
+        return f"{absolute(where)}:{fn}" if where.endswith(".py") else spec
+
+    task = cfg.task
+    task.data = absolute(task.data) if task.data is not None else None
+    task.eval_data = tuple(absolute(source) for source in task.eval_data)
+    task.rewards = tuple(reward(spec) for spec in task.rewards)
+    cfg.model.path = absolute(cfg.model.path) if cfg.model.path is not None else None
+    return cfg
