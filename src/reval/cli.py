@@ -23,8 +23,8 @@ import tyro
 USAGE = """usage: reval {train,eval,plot,demo,pretrain} [--help] [--version]
 
   train     train with ReVal, TBRM or GRPO; or from data: MLE, IQ-Learn, DPO, Q-Adapter (reval train --help)
-  eval      evaluate a model on benchmark files: greedy accuracy and avg@k, one row each
-  plot      draw runs' accuracy and reward against answers generated and seconds (reval plot RUN [RUN ...])
+  eval      evaluate a model on benchmark files: greedy accuracy and mean@k, one row each
+  plot      draw runs' accuracy and reward (offline runs: loss) against answers or examples and seconds
   demo      ReVal vs GRPO on the mul task (--task add: the addition task), table + plot, minutes on a CPU
   pretrain  supervised warm start (MLE or IQ-Learn): rebuild a shipped model, or imitate your rows
 """
@@ -32,22 +32,17 @@ USAGE = """usage: reval {train,eval,plot,demo,pretrain} [--help] [--version]
 
 @dataclass
 class EvalArgs:
-    """Evaluate a model on benchmark files: greedy accuracy and avg@k, one row per benchmark.
-
-    The paper's protocol is avg@16 on a random 100 problems per benchmark: --samples 16
-    --limit 100. The 100 are a seeded random subsample (--limit-seed) kept in file order, so
-    every model is scored on the same rows. Multiple-choice data (GPQA-Diamond):
-    --preset choice, scored by the answer letter (multiple_choice).
-    """
+    """The flags of `reval eval` (its description: EVAL_HELP)."""
 
     data: tuple[str, ...]
     """Benchmarks: JSONL / Parquet / CSV files, save_to_disk directories or hub ids; one row each."""
     model: str | None = None
     """Model directory or hub id; None uses the shipped warm-start model."""
     out: Path | None = None
-    """Write per-benchmark results and per-item completions to this JSON file."""
+    """Write per-benchmark results and per-item completions to this JSON file: each item's greedy
+    completion and, with --samples, its sampled ones, each with correct and truncated flags."""
     samples: int = 0
-    """k of avg@k: sampled answers per question (the paper: 16)."""
+    """k of mean@k: sampled answers per question (the paper: 16)."""
     greedy: bool = True
     """Also report greedy accuracy (one answer per question)."""
     limit: int | None = None
@@ -57,12 +52,14 @@ class EvalArgs:
     model; first: the first --limit problems (rows after them are not read)."""
     limit_seed: int = 0
     """Seed of the random --limit subsample."""
-    max_new_tokens: int = 64
-    """Generation length limit."""
+    max_new_tokens: int | None = None
+    """Answer budget in tokens; None: the model's own (max_new_tokens in its generation_config.json:
+    the shipped warm starts and reval checkpoints carry their task's), else 256 or half the model's
+    context if less. Answers cut at it count as wrong; the table's truncated column shows their share."""
     temperature: float = 1.0
-    """Sampling temperature for avg@k."""
+    """Sampling temperature for mean@k."""
     top_p: float = 1.0
-    """Nucleus sampling threshold for avg@k."""
+    """Nucleus sampling threshold for mean@k."""
     preset: str = "qa"
     """Row schema: qa, gsm8k, math, deepscaler, aime, or choice (multiple choice: question,
     choices, answer letter; or GPQA's columns) (reval.data.PRESETS)."""
@@ -88,6 +85,19 @@ class EvalArgs:
     """Skip (and count) bad rows and too-long prompts instead of stopping at the first one."""
 
 
+# printed as written (see TRAIN_HELP): lines within 80 columns, continuation lines indented
+EVAL_HELP = """Evaluate a model on benchmark files, one row per benchmark: greedy accuracy,
+  mean@k (--samples k: the share of correct answers among k sampled per
+  question, the paper's avg@k) and truncated (the share of answers cut at the
+  answer budget).
+
+The paper's protocol: --samples 16 --limit 100 (a seeded random 100 problems per
+  benchmark, kept in file order: every model is scored on the same rows).
+
+Multiple choice (GPQA-Diamond): --preset choice, scored by the answer letter.
+"""
+
+
 def _train(argv: list[str]) -> None:
     from reval.config import TrainConfig
 
@@ -111,6 +121,8 @@ def _train(argv: list[str]) -> None:
                          f"({', '.join(r for r in base.task.rewards if ':' in r)}); a run directory alone never runs "
                          "code, so name it again to confirm you trust it: --task.rewards "
                          + " ".join(base.task.rewards))
+    if resume:
+        _check_relative_paths(base, cfg, run_dir)
     cfg.validate()  # bad values are refused before torch and the model load
     from reval.train import train
 
@@ -122,15 +134,19 @@ def _train(argv: list[str]) -> None:
 # --config and --resume are read before tyro parses the rest: tyro has no config-file
 # loading of its own, and a file's (or a saved run's) values must become the defaults that
 # the flags then override (tyro's `default=`), with our own errors naming file and key. So
-# tyro cannot list the two: the description does.
-TRAIN_HELP = """Train with ReVal, TBRM or GRPO from a reward; or from data: mle / iq on prompt-response
-rows, dpo / qadapter on prompt-chosen-rejected rows (--task.data FILE).
+# tyro cannot list the two: the description does. tyro prints it as written, never re-wrapped,
+# and joins a line that starts with a letter to the one before: every line fits 80 columns
+# and continuation lines are indented.
+TRAIN_HELP = """Train with ReVal, TBRM or GRPO from a reward, or from data (--task.data FILE):
+  mle / iq on prompt-response rows, dpo / qadapter on preference pairs.
 
 Two options are read before the others:
-  --config FILE.yaml|PRESET   start from a config file (YAML or JSON, keys as below) or a shipped
-                              preset (paper-qwen2.5-math-7b, paper-r1-distill-1.5b); flags override it
-  --resume DIR                continue the run in DIR with its saved config (only rounds, eval,
-                              checkpoint and memory settings may be changed by flags)
+  --config FILE.yaml|PRESET
+      start from a config file (YAML or JSON, keys as below) or a shipped preset
+      (paper-qwen2.5-math-7b, paper-r1-distill-1.5b); flags override it
+  --resume DIR
+      continue the run in DIR with its saved config (only rounds, eval,
+      checkpoint and memory settings may be changed by flags)
 """
 
 
@@ -138,6 +154,26 @@ def _trusts_saved_rewards(saved, argv: list[str]) -> bool:
     """A resumed run whose config names a user's reward code ("module:fn", "file.py:fn") runs
     that code only if the command line names it again: config.json alone never runs code."""
     return not any(":" in r for r in saved.task.rewards) or "--task.rewards" in argv
+
+
+def _check_relative_paths(saved, cfg, run_dir: Path) -> None:
+    """Runs saved before paths were recorded absolute (`reval.loop.state.absolute_paths`) name
+    their files relative to the directory they started in: resumed from another one, say so
+    rather than "no such file". A value the command line changes is left to the resume's config check."""
+    from reval.data import _looks_like_path
+
+    named = [("task.data", saved.task.data, cfg.task.data), ("model.path", saved.model.path, cfg.model.path)]
+    named += [("task.eval_data", s, s if s in cfg.task.eval_data else None) for s in saved.task.eval_data]
+    named += [("task.rewards", r, r if r in cfg.task.rewards else None) for r in saved.task.rewards
+              if r.rpartition(":")[0].endswith(".py")]
+    for name, value, now in named:
+        path = Path(value.rpartition(":")[0] if name == "task.rewards" else value or "").expanduser()
+        if value and value == now and not path.is_absolute() and not path.exists() and (
+                name == "task.rewards" or _looks_like_path(value)):
+            raise ValueError(f"--resume {run_dir}: {name} = {value!r} is a relative path, read relative to the "
+                             f"directory the run started in; there is no {path} in {Path.cwd()}. Resume from the "
+                             "directory the run started in (runs started now record absolute paths and resume "
+                             "from anywhere)")
 
 
 def _pop_flag(argv: list[str], flag: str) -> Path | None:
@@ -180,13 +216,17 @@ def _read_config(path: Path) -> dict:
 
 
 def _eval(argv: list[str]) -> None:
-    args = tyro.cli(EvalArgs, args=argv, prog="reval eval")  # --help and argument errors: before torch
+    args = tyro.cli(EvalArgs, args=argv, prog="reval eval", description=EVAL_HELP)  # --help and argument errors: before torch
     if args.dtype not in ("float32", "bfloat16"):
         raise ValueError(f"--dtype {args.dtype!r}: choose float32 or bfloat16")
     if args.limit_mode not in ("random", "first"):
         raise ValueError(f"--limit-mode {args.limit_mode!r}: choose random or first")
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens {args.max_new_tokens}: a positive number of tokens (or leave it out "
+                         "for the model's own budget)")
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit {args.limit}: a positive number of problems (or leave it out for all)")
+    from reval.config import default_budget
     from reval.data import EVAL_FIX, PRESETS, extra_columns, load_problems
 
     if args.preset not in PRESETS:
@@ -200,13 +240,19 @@ def _eval(argv: list[str]) -> None:
             skip_bad_rows=args.skip_bad_rows, fix_hint=EVAL_FIX))
     import torch
 
-    from reval.evaluate import evaluate
+    from reval.evaluate import evaluate, truncation_warning
     from reval.model import (auto_prompt, default_model_path, eos_token_ids, load_model, prompts_too_long,
                              resolve_template, use_chat_template)
     from reval.rewards import resolve_rewards
 
     model_path = args.model or default_model_path()
     model, tokenizer = load_model(model_path, getattr(torch, args.dtype), trust_remote_code=args.trust_remote_code)
+    declared = getattr(model.generation_config, "max_new_tokens", None)
+    budget = args.max_new_tokens or declared or default_budget(getattr(model.config, "max_position_embeddings", None))
+    if args.max_new_tokens is None:
+        source = "the model's generation_config.json" if declared else \
+            "the default for a model that declares none: 256, at most half its context"
+        print(f"answer budget: {budget} tokens ({source}; --max-new-tokens sets it)", file=sys.stderr)
     if torch.cuda.is_available():
         model.cuda()
     chat = use_chat_template(tokenizer, args.chat_template)
@@ -223,16 +269,20 @@ def _eval(argv: list[str]) -> None:
             raise ValueError(f"--backend vllm cannot run a Q-Adapter's residual-Q head ({model_path}/qadapter.json); "
                              "evaluate it with --backend hf")
 
-        generator = VLLMGenerator(str(model_path), tokenizer, dtype=args.dtype,
+        # load_model may have read another directory (a run's newest checkpoint, a LoRA adapter's
+        # base): vLLM starts from that one and is given the weights evaluated (a merged adapter)
+        engine_path = str(model.name_or_path)
+        generator = VLLMGenerator(engine_path, tokenizer, dtype=args.dtype,
                                   eos_token_ids=eos_token_ids(model, tokenizer))
+        if engine_path != str(model_path):
+            generator.sync_weights(model)
     results, errors = {}, {}
     for name, (source, problems) in benchmarks.items():
-        too_long = prompts_too_long(model, tokenizer, [p.question for p in problems], args.max_new_tokens,
-                                    template, chat)
+        too_long = prompts_too_long(model, tokenizer, [p.question for p in problems], budget, template, chat)
         if too_long and not args.skip_bad_rows:
             i, n = too_long[0]
             raise ValueError(f"{source}: question {i + 1} is {n} tokens; with --max-new-tokens "
-                             f"{args.max_new_tokens} it exceeds the model's context of "
+                             f"{budget} it exceeds the model's context of "
                              f"{model.config.max_position_embeddings} ({len(too_long)} such rows); "
                              "shorten it or pass --skip-bad-rows")
         if too_long:
@@ -242,7 +292,7 @@ def _eval(argv: list[str]) -> None:
         if not problems:
             raise ValueError(f"{source}: no usable rows")
         res = evaluate(model, tokenizer, [p.question for p in problems], [p.answer for p in problems],
-                       samples=args.samples, greedy=args.greedy, max_new_tokens=args.max_new_tokens,
+                       samples=args.samples, greedy=args.greedy, max_new_tokens=budget,
                        temperature=args.temperature, top_p=args.top_p, template=template, chat=chat,
                        verifier=verifier, eos_token_ids=eos_token_ids(model, tokenizer),
                        generator=generator, keep_items=True, progress=name, columns=extra_columns(problems),
@@ -253,6 +303,10 @@ def _eval(argv: list[str]) -> None:
         errors.clear()
         results[name] = {**res, "n": len(problems)}
     _print_eval_table(results)
+    for name, r in results.items():
+        warning = truncation_warning(name, r["truncated"], budget, "--max-new-tokens")
+        if warning:
+            print(warning, file=sys.stderr)
     summary = {k: {m: v for m, v in r.items() if m != "items"} for k, r in results.items()}
     print(json.dumps(summary, indent=2))
     if args.out:
@@ -296,6 +350,32 @@ def _plot(argv: list[str]) -> None:
 COMMANDS = {"train": _train, "eval": _eval, "plot": _plot, "demo": _demo, "pretrain": _pretrain}
 
 
+def _rewrap_field_help() -> None:
+    """Let tyro wrap each field docstring to the terminal's width, not at the source's line breaks.
+
+    tyro joins a docstring's lines only where the next one starts with a letter, and a field
+    docstring's continuation lines start with the class body's indentation, so every line break
+    of the source reached `--help`: at 80 columns each source line became a long and a short
+    line, at 120 the text stopped at the source's width. The lines of a paragraph are joined
+    here (blank lines still separate paragraphs) before tyro wraps them. tyro has no public hook
+    for this; without its private function, help stays as tyro writes it.
+    """
+    import re
+
+    from tyro import _docstrings
+
+    field_docstring = getattr(_docstrings, "get_field_docstring", None)
+    if field_docstring is None or getattr(field_docstring, "rewrapped", False):
+        return
+
+    def rewrapped(*args, **kwargs):
+        text = field_docstring(*args, **kwargs)
+        return re.sub(r"(?<=\S)[ \t]*\n[ \t]*(?=\S)", " ", text) if text else text
+
+    rewrapped.rewrapped = True
+    _docstrings.get_field_docstring = rewrapped
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
@@ -312,6 +392,7 @@ def main(argv: list[str] | None = None) -> None:
     # through the environment, so transformers loads when a command needs it, not for --help
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    _rewrap_field_help()
     try:
         COMMANDS[argv[0]](argv[1:])
     except (ValueError, OSError, ImportError, FloatingPointError, MemoryError) as e:  # a message, not a traceback

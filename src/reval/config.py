@@ -75,7 +75,7 @@ class TaskConfig:
     benchmark's task). Each has its own shipped warm-start model."""
     data: str | None = None
     """Training data (JSONL / Parquet / CSV file, `save_to_disk` directory or hub id[:config]);
-    None: the embedded addition task."""
+    None: the embedded task that `task.name` picks (add or mul)."""
     preset: Literal["qa", "gsm8k", "math", "deepscaler", "aime", "choice"] = "qa"
     """Schema of `data` and `eval_data` (field names and how the final answer is written);
     choice: multiple choice answered with a letter (needs `rewards` multiple_choice)."""
@@ -98,8 +98,11 @@ class TaskConfig:
     auto: "paper" inside a chat template, else "plain" (the shipped models' "Q: ...\nA: "),
     the same rule as `reval eval`; the embedded task is always "plain"."""
     rewards: tuple[str, ...] = ()
-    """Reward functions from `reval.rewards.REWARDS`, summed with `reward_weights`; empty:
-    "arithmetic" for the embedded task, "math_verify" for data. The first one also scores eval."""
+    """Reward functions, summed with `reward_weights`: names from `reval.rewards.REWARDS`
+    (arithmetic, math_verify, boxed_format, multiple_choice) or your own TRL-style function as
+    file.py:fn or package.module:fn (name it again on --resume: a run directory alone never
+    runs code); empty: "arithmetic" for the embedded task, "math_verify" for data. The first
+    one also scores eval."""
     reward_weights: tuple[float, ...] = ()
     """One weight per reward function; empty: all 1."""
     digits: int = 3
@@ -125,8 +128,11 @@ class RolloutConfig:
     top_p: float = 1.0
     """Nucleus sampling threshold."""
     max_new_tokens: int | None = None
-    """Answers that reach this without EOS are marked truncated; None: the embedded task's
-    budget (48 for add, 112 for mul), 48 for user data."""
+    """Answer budget in tokens; answers that reach it without EOS are truncated (reward 0).
+    None: the embedded task's (48 for add, 112 for mul); with task.data, the model's own
+    (max_new_tokens in its generation_config.json: the shipped warm starts and reval
+    checkpoints carry their task's), else 256 (TRL's max_completion_length) or half the model's
+    context if that is less."""
     reward_timeout: float = 30.0
     """Seconds a reward function may take per answer (at most 86400) before the answer is
     skipped; a slow answer only loses itself (`reval.rewards.score`)."""
@@ -315,10 +321,14 @@ class TrainConfig:
 
     @property
     def max_new_tokens(self) -> int:
-        """The answer budget, resolved: the configured value or the task's."""
+        """The answer budget, resolved: the configured value; else the embedded task's; else
+        (user data) the budget the model declares; else `default_budget`."""
         if self.rollout.max_new_tokens is not None:
             return self.rollout.max_new_tokens
-        return TASKS[self.task.name].max_new_tokens if self.task.data is None else 48
+        if self.task.data is None:
+            return TASKS[self.task.name].max_new_tokens
+        model = self.model.path or _asset_path(self.task.name)
+        return declared_budget(model) or default_budget(_model_json(model, "config.json").get("max_position_embeddings"))
 
     @property
     def run_dir(self) -> Path:
@@ -467,7 +477,9 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
-        """Inverse of `to_dict`; unknown keys are an error naming them."""
+        """Inverse of `to_dict`. A section's fields may also be given as dotted keys
+        ("rollout.prompts_per_round": 4), mixed with its mapping, as on the command line; an
+        unknown key is an error naming the closest known ones."""
         return _from_dict(cls, d, prefix="")
 
     @classmethod
@@ -486,6 +498,48 @@ class TrainConfig:
         if "report_to" not in d and task.get("data") and task.get("prompt", "auto") == "auto":
             task["prompt"] = "paper"  # before prompt auto followed the chat template, data meant paper
         return cls.from_dict(d)
+
+
+DATA_ANSWER_BUDGET = 256  # tokens per answer for user data when the model declares none (TRL's default)
+
+
+def declared_budget(model: str | Path) -> int | None:
+    """The answer budget a model declares: `max_new_tokens` in its generation_config.json (a
+    local directory, or a hub model already in the local cache; nothing is downloaded). The
+    shipped warm starts declare their task's budget and reval checkpoints their run's."""
+    value = _model_json(model, "generation_config.json").get("max_new_tokens")
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 1 else None
+
+
+def default_budget(context: int | None) -> int:
+    """The budget of a model that declares none: `DATA_ANSWER_BUDGET`, or half the model's
+    context (`max_position_embeddings`) if that is less, so prompt and answer fit."""
+    return min(DATA_ANSWER_BUDGET, context // 2) if isinstance(context, int) and context >= 2 else DATA_ANSWER_BUDGET
+
+
+def _model_json(model: str | Path, name: str) -> dict:
+    """A JSON file of a local model directory, or of a hub model in the local cache; {} if absent."""
+    path = Path(model) / name
+    if not path.is_file() and not Path(model).exists():
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(str(model), name)
+            path = Path(cached) if isinstance(cached, str) else path
+        except Exception:  # not a valid hub id: nothing cached
+            return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _asset_path(task: str) -> Path:
+    """The shipped warm start of an embedded task (as `reval.model.default_model_path`, without torch)."""
+    from importlib import resources
+
+    return Path(str(resources.files("reval") / "assets" / TASKS[task].asset))
 
 
 def _typed_values(obj, prefix: str = ""):
@@ -520,13 +574,55 @@ def _get(obj, dotted: str):
     return obj
 
 
+def close_names(given: str, known: list[str], n: int = 3) -> list[str]:
+    """The `known` names nearest `given`, compared whole and by their last dotted part, so a
+    field put in the wrong section or spelt as its flag (prompts-per-round) is still found."""
+    import difflib
+
+    given = given.replace("-", "_")
+    by_leaf: dict[str, list[str]] = {}
+    for name in known:
+        by_leaf.setdefault(name.rsplit(".", 1)[-1], []).append(name)
+    found = difflib.get_close_matches(given, known, n=n, cutoff=0.8)
+    for leaf in difflib.get_close_matches(given.rsplit(".", 1)[-1], list(by_leaf), n=n, cutoff=0.8):
+        found += by_leaf[leaf]
+    return list(dict.fromkeys(found))[:n]
+
+
+def _nest(d: dict, prefix: str) -> dict:
+    """`d` with its dotted keys ("rollout.prompts_per_round": 4) moved into their sections'
+    mappings, as `ReValConfig` and the command line accept them; a field given twice is an error."""
+    out: dict = {}
+    for key, value in d.items():
+        head, dot, rest = key.partition(".") if isinstance(key, str) else (key, "", "")
+        if dot:
+            value = {rest: value}
+        if head not in out:
+            out[head] = value
+            continue
+        both = isinstance(out[head], dict) and isinstance(value, dict)
+        twice = sorted(set(out[head]) & set(value)) if both else []
+        if not both or twice:
+            raise ValueError(f"config key {prefix}{head}{'.' + twice[0] if twice else ''} is given twice "
+                             "(as a dotted key and in its section's mapping); keep one")
+        out[head] = {**out[head], **value}
+    return out
+
+
 def _from_dict(cls, d: dict, prefix: str):
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
-    unknown = sorted(set(d) - set(fields))
+    d = _nest(d, prefix)
+    unknown = [k for k in d if k not in fields]
     if unknown:
-        raise ValueError(f"unknown config key(s) {', '.join(prefix + k for k in unknown)}; "
-                         f"known: {', '.join(prefix + k for k in fields)}")
+        everything = [name for name, _, _ in _typed_values(TrainConfig())]
+        said = []
+        for k in unknown:
+            near = close_names(f"{prefix}{k}", everything)
+            said.append(f"{prefix}{k}" + (f" (did you mean {' or '.join(near)}?)" if near else ""))
+        known = ", ".join(prefix + k for k in fields)
+        raise ValueError(f"unknown config key(s) {', '.join(said)}; " + (f"known in {prefix[:-1]}: {known}" if prefix
+                         else f"known: {known} (a section's fields as its mapping or dotted: loss.beta)"))
     kwargs = {}
     for name, value in d.items():
         default = getattr(cls(), name)

@@ -1,4 +1,4 @@
-"""Evaluation: greedy accuracy and mean sampled accuracy (avg@k) on held-out problems.
+"""Evaluation: greedy accuracy and mean sampled accuracy (mean@k, the paper's avg@k) on held-out problems.
 
 The paper's protocol (method.md section 8) is avg@16: 16 sampled answers per problem,
 the fraction correct, averaged over problems, each benchmark capped at 100 problems.
@@ -17,6 +17,9 @@ from reval.rollout import generate
 from reval.tasks.arithmetic import extract_answer
 
 
+TRUNCATION_WARNING = 0.1  # a share of answers cut at the budget above which every report warns
+
+
 def evaluate(model, tokenizer, questions: Sequence[str], answers: Sequence[str], *,
              samples: int = 0, max_new_tokens: int = 64, temperature: float = 1.0,
              top_p: float = 1.0, template: str = PROMPT_TEMPLATE, chat: bool = False,
@@ -32,8 +35,12 @@ def evaluate(model, tokenizer, questions: Sequence[str], answers: Sequence[str],
     show a progress bar (problems done) with this label. `columns`: more per-question values
     the verifier gets as keyword arguments (with `question` and `answer`), as in training;
     `errors` receives its first failure (see `reval.rewards.score`).
-    Returns `{"accuracy" (if greedy), "mean@k" (if samples), "items" (if keep_items)}`,
-    each a fraction in [0, 1].
+    Returns `{"accuracy" (if greedy), "mean@k" (if samples), "truncated", "items" (if
+    keep_items)}`, each a fraction in [0, 1]. mean@k is the paper's avg@k: the share of
+    correct answers among k per question, averaged over questions. `truncated` is the share
+    of all answers (greedy and sampled) cut at `max_new_tokens` without an end of sequence:
+    such an answer is usually wrong, so a high share means the budget is too small, not the
+    model. Each item holds its greedy completion and, with `samples`, its sampled ones.
     """
     if not greedy and not samples:
         raise ValueError("nothing to evaluate: greedy is off and samples is 0")
@@ -54,26 +61,45 @@ def evaluate(model, tokenizer, questions: Sequence[str], answers: Sequence[str],
         return texts, [r is not None and r >= 1.0 for r in rewards]
 
     prompts = [format_prompt(tokenizer, q, template, chat) for q in questions]
-    n_greedy, n_sampled, items = 0, 0, []
+    n_greedy, n_sampled, n_cut, items = 0, 0, 0, []
     bar = tqdm(total=len(prompts), desc=progress, unit="problem", disable=progress is None, dynamic_ncols=True)
     for start in range(0, len(prompts), batch_size):
         chunk = slice(start, start + batch_size)
         refs = answers[chunk]
+        chunk_items = [{"question": q, "answer": a} for q, a in zip(questions[chunk], refs)]
         if greedy:
-            texts, ok = correct(sample(prompts[chunk], greedy=True).response_ids, chunk, 1)
-            n_greedy += sum(ok)
-            if keep_items:
-                items += [{"question": q, "answer": a, "completion": t, "extracted": extract_answer(t),
-                           "correct": c} for q, a, t, c in zip(questions[chunk], refs, texts, ok)]
+            out = sample(prompts[chunk], greedy=True)
+            texts, ok = correct(out.response_ids, chunk, 1)
+            n_greedy, n_cut = n_greedy + sum(ok), n_cut + sum(out.truncated)
+            for item, t, c, cut in zip(chunk_items, texts, ok, out.truncated):
+                item.update(completion=t, extracted=extract_answer(t), correct=c, truncated=cut)
         if samples:
             out = sample(prompts[chunk], samples_per_prompt=samples, temperature=temperature, top_p=top_p)
-            n_sampled += sum(correct(out.response_ids, chunk, samples)[1])
+            texts, ok = correct(out.response_ids, chunk, samples)
+            n_sampled, n_cut = n_sampled + sum(ok), n_cut + sum(out.truncated)
+            for i, item in enumerate(chunk_items):
+                rows = range(i * samples, (i + 1) * samples)
+                item["samples"] = [{"completion": texts[j], "correct": ok[j], "truncated": out.truncated[j]}
+                                   for j in rows]
+        if keep_items:
+            items += chunk_items
         bar.update(len(refs))
     bar.close()
     n = max(len(prompts), 1)
     result = {"accuracy": n_greedy / n} if greedy else {}
     if samples:
         result[f"mean@{samples}"] = n_sampled / (n * samples)
+    result["truncated"] = n_cut / (n * (int(greedy) + samples))
     if keep_items:
         result["items"] = items
     return result
+
+
+def truncation_warning(what: str, share: float, budget: int, setting: str) -> str | None:
+    """The warning for `what` when more than `TRUNCATION_WARNING` of its answers were cut at
+    `budget` tokens (`setting`: the flag or field that raises it); None below the threshold."""
+    if share <= TRUNCATION_WARNING:
+        return None
+    return (f"WARNING: {what}: {100 * share:.0f}% of answers hit the answer budget of {budget} tokens without "
+            f"ending, and count as wrong; the accuracy measures the budget more than the model. Raise "
+            f"{setting}.")

@@ -184,6 +184,8 @@ def pretrain(cfg: PretrainConfig) -> dict:
                           max_new_tokens=task.max_new_tokens, template=template, chat=chat)
     result.update(params=num_params(model), seconds=round(time.time() - start, 1), config=asdict(cfg))
     cfg.out.mkdir(parents=True, exist_ok=True)
+    if cfg.data is None:  # the warm start declares its task's answer budget (reval eval, train on own data)
+        model.generation_config.max_new_tokens = task.max_new_tokens
     model.save_pretrained(cfg.out)
     tokenizer.save_pretrained(cfg.out)
     (cfg.out / "pretrain.json").write_text(json.dumps(result, indent=2, default=str) + "\n")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import random
 import signal
 import time
@@ -17,18 +18,19 @@ import torch
 from tqdm import tqdm
 
 from reval.buffer import ReplayBuffer
-from reval.checkpoint import RunLock, atomic_write_text, latest_checkpoint, rng_state, set_rng_state
-from reval.config import TrainConfig
+from reval.checkpoint import RunExistsError, RunLock, atomic_write_text, latest_checkpoint, rng_state, set_rng_state
+from reval.config import OFFLINE_ALGORITHMS, TrainConfig
 from reval.data import extra_columns
 from reval.distributed import (LogProbModule, all_ranks_true, full_params, load_optimizer_state, make_accelerator,
                                optimizer_state, prepare)
-from reval.evaluate import evaluate
+from reval.evaluate import evaluate, truncation_warning
 from reval.loop import build
 from reval.loop.actor import Actor, Rollout, report_reward_errors
 from reval.loop.learner import Learner
-from reval.loop.messages import (NO_SIGNAL_ROUNDS, inputs_message, memory_message, no_signal_message,
-                                 out_of_memory, say, unscored_message)
-from reval.loop.state import choose_checkpoint, inputs_fingerprint, truncate_metrics, write_checkpoint
+from reval.loop.messages import (NO_SIGNAL_ROUNDS, failed_start_message, inputs_message, memory_message,
+                                 no_signal_message, nothing_to_run_message, out_of_memory, say, unscored_message)
+from reval.loop.state import (absolute_paths, choose_checkpoint, inputs_fingerprint, logged_rounds, truncate_metrics,
+                              write_checkpoint)
 from reval.losses import ALGORITHMS
 from reval.metrics import MetricsLogger, tracker_names
 from reval import offline
@@ -40,10 +42,14 @@ from reval.rewards import reward_name
 from reval.tasks import TASKS
 
 
-def train(cfg: TrainConfig, resume: bool = False, *, problems: list | None = None,
+def train(cfg: TrainConfig, resume: bool | str | os.PathLike = False, *, problems: list | None = None,
           eval_problems: list | None = None, should_stop: Callable[[dict], bool] | None = None,
           reward_funcs: list | None = None) -> dict:
     """Run (or resume) training; returns the final evaluation and counters.
+
+    `resume`: True continues from the newest checkpoint that verifies; a path, from that
+    checkpoint of this run (as TRL's `resume_from_checkpoint`): newer checkpoints are set aside
+    as `superseded-round-*` and metric lines after its round dropped, as on any resume.
 
     `reward_funcs` (callables, or names as in `task.rewards`) replaces `task.rewards`; the
     Python API (`reval.ReValTrainer`) passes its callables here. Pass them again on resume.
@@ -71,10 +77,22 @@ def train(cfg: TrainConfig, resume: bool = False, *, problems: list | None = Non
         try:
             run = Run(cfg, accelerator, resume, problems, eval_problems, should_stop, reward_funcs)
             return SCHEDULES[cfg.schedule.mode](run)
+        except NothingToRun as done:  # a resume with no more rounds than the run has: said in Run._open
+            return done.counters
         except (torch.OutOfMemoryError, RuntimeError) as e:  # torch's allocators, GPU and CPU
             if not out_of_memory(e):
                 raise
             raise MemoryError(memory_message(cfg, e)) from None
+
+
+class NothingToRun(Exception):
+    """A resume with `rounds` at or below the rounds the run has done. Not an error: `train`
+    returns the run's counters (the command exits 0), so a job that resumes until the run is
+    done may run once more."""
+
+    def __init__(self, counters: dict):
+        super().__init__(counters)
+        self.counters = dict(counters)
 
 
 class Run:
@@ -84,8 +102,8 @@ class Run:
     Built in the order the checks are cheapest: the run directory and the checkpoint to
     resume, the data (a bad row is refused in seconds), then the models and the sampler."""
 
-    def __init__(self, cfg: TrainConfig, accelerator, resume: bool, problems=None, eval_problems=None,
-                 should_stop: Callable[[dict], bool] | None = None, reward_funcs=None):
+    def __init__(self, cfg: TrainConfig, accelerator, resume: bool | str | os.PathLike, problems=None,
+                 eval_problems=None, should_stop: Callable[[dict], bool] | None = None, reward_funcs=None):
         self.cfg, self.accelerator, self.should_stop = cfg, accelerator, should_stop
         self.rank, self.world, self.main = accelerator.process_index, accelerator.num_processes, \
             accelerator.is_main_process
@@ -105,6 +123,8 @@ class Run:
         # what an actor process needs to rebuild the actor (reval.loop.actor_process)
         self.ckpt, self.start_path, self.train_set, self.reward_funcs = ckpt, start_path, train_set, reward_funcs
         self._models(ckpt, start_path)
+        if getattr(self.model, "generation_config", None) is not None:  # checkpoints declare the run's budget
+            self.model.generation_config.max_new_tokens = cfg.max_new_tokens
         self._prompts_and_rewards(train_set, problems, reward_funcs)
         # asynchronous: the actor process samples; this process evaluates with HF generate
         generator = build.make_generator(cfg, self.model, self.tokenizer, self.eos_ids, start_path,
@@ -133,25 +153,45 @@ class Run:
             self.actor.sync()  # a resumed or fresh vLLM sampler starts from the policy
         self.logger = MetricsLogger(self.run_dir, cfg.report_to, cfg.to_dict()) if self.main else None
         self.last_eval: dict = {}
+        self.warned_truncated: set[str] = set()
 
     # -- building ---------------------------------------------------------------------------
 
-    def _open(self, resume: bool):
-        """(checkpoint, its state) to resume from, or (None, None); writes config.json."""
+    def _open(self, resume: bool | str | os.PathLike):
+        """(checkpoint, its state) to resume from, or (None, None); writes config.json, with
+        absolute paths (`absolute_paths`: any directory can resume the run). A resumed run that
+        already has `cfg.rounds` rounds raises `NothingToRun`. A directory with neither a
+        checkpoint nor a logged round (a start that failed early) is no run: a fresh start
+        takes its place."""
         cfg, run_dir = self.cfg, self.run_dir
-        ckpt, state = choose_checkpoint(run_dir, self.accelerator) if resume else (None, None)
+        absolute_paths(cfg)
+        named = None if isinstance(resume, bool) else resume  # a path: that checkpoint, not the newest
+        ckpt, state = choose_checkpoint(run_dir, self.accelerator, named) if resume else (None, None)
         if state is not None:
-            cfg.check_resumable_from(TrainConfig.from_saved(state["config"]))
+            cfg.check_resumable_from(absolute_paths(TrainConfig.from_saved(state["config"])))
             if state["world_size"] != self.world:
                 raise ValueError(f"cannot resume: the run used {state['world_size']} processes, "
                                  f"now {self.world}; resume with the same number")
+            done, answers = state["counters"]["round"], state["counters"]["samples"]
+            if self.main:
+                say(nothing_to_run_message(run_dir, done, cfg.rounds) if done >= cfg.rounds else
+                    f"resumed from {ckpt} (round {done} of {cfg.rounds} done, {answers} "
+                    f"{'examples' if cfg.algo in OFFLINE_ALGORITHMS else 'answers'} so far)")
+            if done >= cfg.rounds:
+                raise NothingToRun(state["counters"])
         elif resume:  # killed before its first checkpoint: start the run over
             if self.main:
                 print(f"no complete checkpoint in {run_dir / 'checkpoints'}; starting the run from scratch")
                 (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-        elif (run_dir / "metrics.jsonl").exists() or latest_checkpoint(run_dir):
-            raise ValueError(f"run directory {run_dir} already holds a run; continue it with "
-                             f"--resume {run_dir}, or choose another --out")
+        elif latest_checkpoint(run_dir):
+            raise RunExistsError(f"run directory {run_dir} already holds a run; continue it with "
+                                 f"--resume {run_dir}, or choose another --out")
+        elif logged_rounds(run_dir / "metrics.jsonl"):
+            raise ValueError(failed_start_message(run_dir, logged_rounds(run_dir / "metrics.jsonl")))
+        elif (run_dir / "config.json").exists() and self.main:
+            say(f"{run_dir} holds no checkpoint and no logged round (a start that stopped before its first round): "
+                "starting a new run in it")
+            (run_dir / "metrics.jsonl").unlink(missing_ok=True)
         if self.main:
             atomic_write_text(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
         return ckpt, state
@@ -236,7 +276,7 @@ class Run:
         self.streaks["unscored_rounds"] = self.streaks["unscored_rounds"] + 1 if unscored else 0
         if self.streaks["unscored_rounds"] >= self.cfg.rollout.max_unscored_rounds:
             raise ValueError(unscored_message(self.cfg, self.reward_names, rollout.columns,
-                                              self.streaks["unscored_rounds"], rollout.round,
+                                              self.streaks["unscored_rounds"], rollout.round + 1,
                                               rollout.reward_failures, len(rollout.rewards)))
 
     def end_round(self, rollout: Rollout, upd_metrics: list[dict], seconds: float, t_upd: float,
@@ -256,7 +296,8 @@ class Run:
                 len({x for x in rollout.rewards if x is not None}) <= 1
             self.streaks["no_signal_rounds"] = self.streaks["no_signal_rounds"] + 1 if flat else 0
             if self.main and self.streaks["no_signal_rounds"] == NO_SIGNAL_ROUNDS:
-                say(no_signal_message(cfg, self.prompt, self.reward_names, rec, rollout.round))
+                say(no_signal_message(cfg, self.prompt, self.reward_names, rec, counters["round"]))
+            self._warn_truncated("training", f"round {counters['round']}", rec["rollout/truncated_frac"])
         done = counters["round"] == cfg.rounds
         if self.eval_sets and (done or (cfg.eval.every and counters["round"] % cfg.eval.every == 0)):
             self.evaluate()
@@ -303,8 +344,19 @@ class Run:
         rec["perf/eval_seconds"] = time.time() - t0
         if self.logger is not None:
             self.logger.log(rec)
+        self._warn_truncated("evaluation", f"evaluation after round {counters['round']}", rec["eval/truncated"])
         self.last_eval = rec
         return rec
+
+    def _warn_truncated(self, kind: str, what: str, share: float) -> None:
+        """Say once per run and kind (training, evaluation) when many answers hit the budget:
+        at the first round, not after a streak, so a short trial is not silently useless."""
+        if self.main and kind not in self.warned_truncated:
+            warning = truncation_warning(what, share, self.cfg.max_new_tokens,
+                                         "rollout.max_new_tokens (--rollout.max-new-tokens)")
+            if warning:
+                self.warned_truncated.add(kind)
+                say("\n" + warning)
 
     def save(self) -> None:
         per_rank = {"optimizer": optimizer_state(self.optimizer), "buffer": self.buffer.state_dict(),
