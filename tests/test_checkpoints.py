@@ -391,3 +391,23 @@ def test_eval_of_a_malformed_model_directory_names_the_file(case, message, tiny_
     with pytest.raises(SystemExit) as e:
         main(["eval", "--model", str(model), "--data", str(data)])
     assert str(e.value).startswith("error:") and message in str(e.value) and str(model) in str(e.value)
+
+
+def test_a_kill_while_an_old_checkpoint_is_deleted_leaves_no_partial_one_under_a_final_name(tiny_dir, tmp_path,
+                                                                                             monkeypatch):
+    """Old checkpoints are deleted after a new one is complete; a kill -9 in the middle of that
+    deletion once left a checkpoint without model/config.json under its final name. Here the
+    deletion stops after its first file, as a kill would leave it."""
+    import reval.checkpoint as checkpoint
+
+    def interrupted_rmtree(path, ignore_errors=False):
+        files = sorted(f for f in Path(path).rglob("*") if f.is_file())
+        if files:
+            files[0].unlink()  # ... and the process dies here
+
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", interrupted_rmtree)
+    cfg = _cfg(tiny_dir, tmp_path / "run", rounds=3)
+    cfg.keep_checkpoints, cfg.task.num_test = 1, 4
+    train(cfg)
+    assert [p.name for p in list_checkpoints(cfg.out)] == ["round-000003"]
+    verify_checkpoint(list_checkpoints(cfg.out)[0])

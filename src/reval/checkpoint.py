@@ -47,6 +47,7 @@ PREFIX = "round-"
 MANIFEST = "manifest.json"
 DAMAGED = "damaged-"
 SUPERSEDED = "superseded-"  # newer than the checkpoint a resume named
+DELETING = ".deleting-"  # an old checkpoint on its way out (`_delete`)
 
 
 class CheckpointError(ValueError):
@@ -251,8 +252,19 @@ def save_checkpoint(run_dir: Path, round_: int, *, model, tokenizer, ref_model, 
     _fsync(root)  # make the rename itself durable
     shutil.rmtree(old, ignore_errors=True)
     for old in list_checkpoints(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        _delete(old)
+    for leftover in root.glob(f"{DELETING}*"):  # a deletion a kill interrupted
+        shutil.rmtree(leftover, ignore_errors=True)
     return final
+
+
+def _delete(ckpt: Path) -> None:
+    """Delete a checkpoint: renamed out of the checkpoints' names first, so a kill in the middle
+    of the deletion never leaves a partial checkpoint under a final name (a resume would find
+    it damaged, and a test that every final name verifies would fail)."""
+    doomed = ckpt.with_name(f"{DELETING}{ckpt.name}-{os.getpid()}")
+    os.replace(ckpt, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def staging_dir(run_dir: Path, round_: int) -> Path:
