@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Literal
 
 from reval.rewards import REWARD_VARIANTS
-from reval.tasks import TASKS
+from reval.tasks import TASKS, warmstart_path
 
 # reval.losses (torch) is imported where it is needed, so `reval train --help` and argument
 # errors answer before torch loads; its registry's names (a test keeps the two equal):
@@ -327,7 +327,7 @@ class TrainConfig:
             return self.rollout.max_new_tokens
         if self.task.data is None:
             return TASKS[self.task.name].max_new_tokens
-        model = self.model.path or _asset_path(self.task.name)
+        model = self.model.path or warmstart_path(self.task.name)
         return declared_budget(model) or default_budget(_model_json(model, "config.json").get("max_position_embeddings"))
 
     @property
@@ -533,13 +533,6 @@ def _model_json(model: str | Path, name: str) -> dict:
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}
-
-
-def _asset_path(task: str) -> Path:
-    """The shipped warm start of an embedded task (as `reval.model.default_model_path`, without torch)."""
-    from importlib import resources
-
-    return Path(str(resources.files("reval") / "assets" / TASKS[task].asset))
 
 
 def _typed_values(obj, prefix: str = ""):

@@ -19,7 +19,6 @@ import json
 import string
 import sys
 import warnings
-from importlib import resources
 from pathlib import Path
 
 import torch
@@ -41,9 +40,9 @@ GENERIC_TOKENIZER_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
 
 def default_model_path(task: str = "add") -> Path:
     """The shipped warm-start checkpoint of an embedded task (built by `reval pretrain --task`)."""
-    from reval.tasks import TASKS
+    from reval.tasks import warmstart_path
 
-    return Path(str(resources.files("reval") / "assets" / TASKS[task].asset))
+    return warmstart_path(task)
 
 
 def build_char_tokenizer() -> PreTrainedTokenizerFast:

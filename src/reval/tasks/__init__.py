@@ -15,6 +15,8 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
 
 from reval.tasks import arithmetic, multiply
 from reval.tasks.arithmetic import Problem
@@ -42,3 +44,8 @@ TASKS: dict[str, EmbeddedTask] = {
     "mul": EmbeddedTask(split=_mul_split, max_new_tokens=112, asset="warmstart-mul",
                         warmstart_solution=lambda p, rng: multiply.solution(p.a, p.b, rng)),
 }
+
+
+def warmstart_path(task: str) -> Path:
+    """The shipped warm-start model of an embedded task (built by `reval pretrain --task`)."""
+    return Path(str(resources.files("reval") / "assets" / TASKS[task].asset))
