@@ -1,7 +1,7 @@
 """The `reval` command: train, eval, demo, pretrain.
 
     reval train [--config FILE.yaml|PRESET] [--resume DIR] [--algo reval|tbrm|tbrm_replay|grpo] [--loss.beta ...]
-    reval train --algo mle|iq|dpo|qadapter --task.data FILE [--model.path DIR]
+    reval train --algo mle|iq|dualqdm|dpo|qadapter --task.data FILE [--model.path DIR]
     reval eval --model DIR --data BENCH1.jsonl BENCH2.parquet --samples 16 --limit 100
     reval plot RUN [RUN ...] [--out FILE.png]
     reval demo [--task mul|add] [--out DIR]
@@ -138,7 +138,8 @@ def _train(argv: list[str]) -> None:
 # and joins a line that starts with a letter to the one before: every line fits 80 columns
 # and continuation lines are indented.
 TRAIN_HELP = """Train with ReVal, TBRM or GRPO from a reward, or from data (--task.data FILE):
-  mle / iq on prompt-response rows, dpo / qadapter on preference pairs.
+  mle / iq / dualqdm on prompt-response rows, dpo / qadapter on preference
+  pairs.
 
 Two options are read before the others:
   --config FILE.yaml|PRESET

@@ -22,8 +22,9 @@ from reval.tasks import TASKS, warmstart_path
 
 # reval.losses (torch) is imported where it is needed, so `reval train --help` and argument
 # errors answer before torch loads; its registry's names (a test keeps the two equal):
-ALGORITHM_NAMES = ("reval", "tbrm", "tbrm_replay", "grpo", "mle", "iq", "dpo", "qadapter")
-OFFLINE_ALGORITHMS = ("mle", "iq", "dpo", "qadapter")  # a round is drawn from data, not sampled
+ALGORITHM_NAMES = ("reval", "tbrm", "tbrm_replay", "grpo", "mle", "iq", "dualqdm", "dpo", "qadapter")
+# a round is drawn from data (dualqdm also samples answers to the demonstrations' prompts)
+OFFLINE_ALGORITHMS = ("mle", "iq", "dualqdm", "dpo", "qadapter")
 TRACKERS = ("tensorboard", "wandb", "mlflow")
 
 
@@ -196,8 +197,17 @@ class LossConfig:
     iq_lambda: float = 0.01
     """iq: weight of the temporal-difference term, lambda = 1/(4 alpha) of IQ-Learn's chi-squared
     regulariser; 0 is exactly MLE (docs/iq.md)."""
+    dualqdm_rho: float = 0.5
+    """dualqdm: weight rho of the Bellman-constraint penalty; 0 is IQ-Learn's online objective, which
+    at gamma 1 is exactly MLE (docs/dualqdm.md)."""
+    dualqdm_r_min: float = -2.0
+    """dualqdm: lower end r_lo of the box every implied per-token reward Q(s_t, a_t) - gamma V(s_t+1) is held in."""
+    dualqdm_r_max: float = 2.0
+    """dualqdm: upper end r_hi of that box."""
+    dualqdm_box_terminal: bool = False
+    """dualqdm: also box r_T = Q(s_T, EOS), the last token of a finished answer (the state's free logit level)."""
     gamma: float = 1.0
-    """iq: discount of V(s_t+1) in the implied per-token reward Q(s_t, a_t) - gamma V(s_t+1);
+    """iq, dualqdm: discount of V(s_t+1) in the implied per-token reward Q(s_t, a_t) - gamma V(s_t+1);
     qadapter: of V(s_t) in Q(s_t, a_t) - gamma V(s_t) (the authors' form, docs/qadapter.md)."""
     label_smoothing: float = 0.0
     """dpo: probability that a preference label is flipped (conservative DPO); 0: TRL's default loss.
@@ -261,11 +271,12 @@ class ScheduleConfig:
 
 @dataclass
 class TrainConfig:
-    algo: Literal["reval", "tbrm", "tbrm_replay", "grpo", "mle", "iq", "dpo", "qadapter"] = "reval"
+    algo: Literal["reval", "tbrm", "tbrm_replay", "grpo", "mle", "iq", "dualqdm", "dpo", "qadapter"] = "reval"
     """Algorithm, from `reval.losses.ALGORITHMS`. RL from a reward: reval; tbrm (on-policy, as
     published); tbrm_replay (TBRM with ReVal's replay buffer, an ablation); grpo. Imitation of
     prompt/response data (task.data, or the embedded task's worked solutions): mle (SFT); iq
-    (IQ-Learn: MLE plus a TD term). Preferences (task.data with prompt/chosen/rejected): dpo;
+    (IQ-Learn: MLE plus a TD term); dualqdm (Dual Q-DM: IQ-Learn plus Bellman constraints on the
+    demonstrations and on G answers the policy samples to each demonstration's prompt). Preferences (task.data with prompt/chosen/rejected): dpo;
     qadapter (a residual-Q head on the frozen model, Q-Adapter). The offline ones draw
     rollout.prompts_per_round examples per round instead of sampling answers."""
     rounds: int = 40
@@ -356,6 +367,9 @@ class TrainConfig:
             ("loss.clip_low", 0 <= self.loss.clip_low < 1, "in [0, 1)"),
             ("loss.iq_lambda", self.loss.iq_lambda >= 0, ">= 0 (0 = MLE)"),
             ("loss.gamma", 0 < self.loss.gamma <= 1, "in (0, 1]"),
+            ("loss.dualqdm_rho", self.loss.dualqdm_rho >= 0, ">= 0 (0 = IQ-Learn)"),
+            ("loss.dualqdm_r_max", self.loss.dualqdm_r_max >= self.loss.dualqdm_r_min,
+             f">= loss.dualqdm_r_min = {self.loss.dualqdm_r_min:g} (the box [r_min, r_max])"),
             ("loss.label_smoothing", 0 <= self.loss.label_smoothing < 0.5, "in [0, 0.5)"),
             ("loss.qadapter_alpha", self.loss.qadapter_alpha > 0, "> 0"),
             ("loss.qadapter_alpha0", self.loss.qadapter_alpha0 >= 0, ">= 0"),
@@ -364,9 +378,10 @@ class TrainConfig:
             ("loss.ref_reset_every", self.algo != "qadapter" or self.loss.ref_reset_every == 0,
              "0 with algo qadapter (the base model is the fixed prior)"),
             ("rollout.backend", self.rollout.backend == "hf" or not offline,
-             "hf for the offline algorithms (mle, iq, dpo, qadapter generate only to evaluate)"),
+             "hf for the offline algorithms (mle, iq, dpo, qadapter generate only to evaluate; dualqdm samples "
+             "with HF generate)"),
             ("rollout.sync_every", self.rollout.sync_every == 1 or not offline,
-             "1 for the offline algorithms (they sample nothing to train on)"),
+             "1 for the offline algorithms (they sample nothing to train on; dualqdm samples with the policy itself)"),
             ("loss.gamma", self.loss.gamma == 1 or self.algo != "qadapter" or self.model.lora_rank == 0,
              "1 for qadapter with LoRA (the adapted model's raw logsumexp carries an arbitrary per-state "
              "offset that gamma < 1 would turn into reward)"),
@@ -410,7 +425,7 @@ class TrainConfig:
                 and self.rollout.sync_every == 1),
              "0 unless the run samples with HF generate, on the sync schedule, with rollout.sync_every 1"),
             ("schedule.mode", self.schedule.mode == "sync" or not offline,
-             "sync for the offline algorithms (they sample nothing to train on)"),
+             "sync for the offline algorithms (they sample nothing to train on; dualqdm samples with the policy itself)"),
             ("schedule.push_every", self.schedule.push_every >= 1, ">= 1"),
             ("schedule.queue_size", self.schedule.queue_size >= 1, ">= 1"),
             ("schedule.max_staleness", self.schedule.max_staleness is None or self.schedule.max_staleness >= 0,

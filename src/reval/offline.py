@@ -9,7 +9,10 @@ examples and turns each into `Experience` records, which `collate` packs as usua
 - a demonstration (prompt, response) is one trajectory with reward 1;
 - a preference pair (prompt, chosen, rejected) is two trajectories of the same group:
   the chosen answer (reward 1) directly followed by the rejected one (reward 0), so rows
-  (2i, 2i + 1) of a batch are pair i (`collate` keeps rows of one prompt in order).
+  (2i, 2i + 1) of a batch are pair i (`collate` keeps rows of one prompt in order);
+- for `dualqdm`, a demonstration (reward 1) and the G answers the policy sampled to its
+  prompt (reward 0, never scored: the reward marks who wrote the answer) form one group,
+  whose mean reward is therefore 1 / (1 + G) (`with_samples`).
 
 Prompts are formatted exactly as rollout prompts are (template, chat template), and every
 response ends with the tokenizer's EOS token, the action that ends an answer.
@@ -17,6 +20,7 @@ response ends with the tokenizer's EOS token, the action that ends an answer.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 from reval.data import Demonstration, PreferencePair
@@ -83,6 +87,21 @@ def to_experiences(examples: list, tokenizer, *, template: str, chat: bool, eos_
             out.append(Experience(prompt_ids, response_ids, reward, group_id=first_group_id + i,
                                   group_mean=sum(r for _, r in answers) / len(answers), group_std=0.0,
                                   version=version, round=round, truncated=False, uid=first_uid + len(out)))
+    return out
+
+
+def with_samples(demonstrations: list[Experience], samples, G: int, *, version: int,
+                 first_uid: int) -> list[Experience]:
+    """Demonstration i's group extended by the policy's answers G*i .. G*i + G - 1 to its prompt
+    (reward 0; the group's mean reward, 1 / (1 + G), on every row). Sample j gets uid first_uid + j."""
+    mean = 1.0 / (1 + G)
+    out: list[Experience] = []
+    for i, demo in enumerate(demonstrations):
+        out.append(dataclasses.replace(demo, group_mean=mean))
+        for j in range(G * i, G * (i + 1)):
+            out.append(Experience(tuple(samples.prompt_ids[j]), tuple(samples.response_ids[j]), 0.0,
+                                  group_id=demo.group_id, group_mean=mean, group_std=0.0, version=version,
+                                  round=demo.round, truncated=samples.truncated[j], uid=first_uid + j))
     return out
 
 

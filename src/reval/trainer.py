@@ -99,7 +99,7 @@ def _set(cfg: TrainConfig, dotted: str, value: Any) -> None:
 
 class ReValTrainer:
     """Train a model with ReVal (or `args.algo`: TBRM, GRPO) on a dataset with reward functions,
-    or with an offline algorithm (mle, iq: prompt / response rows; dpo, qadapter: prompt /
+    or with an offline algorithm (mle, iq, dualqdm: prompt / response rows; dpo, qadapter: prompt /
     chosen / rejected rows, no reward functions) on demonstrations or preference pairs.
 
     - `model`: a directory or hub id, or a `PreTrainedModel` (with its tokenizer as

@@ -17,9 +17,10 @@ import torch
 
 from reval import offline
 from reval.config import TrainConfig
-from reval.data import extra_columns
+from reval.data import Demonstration, extra_columns
 from reval.distributed import full_params
 from reval.loop.messages import say
+from reval.losses import ALGORITHMS
 from reval.model import format_prompt
 from reval.rewards import score
 from reval.rollout import Samples, to_experiences
@@ -44,6 +45,7 @@ class Rollout:
     policy_version: int = 0  # the policy version (updates) of the weights that sampled it
     rng_state: tuple | None = None  # asynchronous actor: its prompt stream's state after this round
     actor_wait_seconds: float = 0.0  # asynchronous actor: time it waited on a full queue before this round
+    truncated_frac: float | None = None  # dualqdm: share of its sampled answers cut at max_new_tokens
 
 
 def corrects_sampler(cfg: TrainConfig) -> bool:
@@ -108,21 +110,30 @@ class Actor:
         return self._sample(rnd, first_uid, first_group)
 
     def _examples(self, rnd: int, first_uid: int, first_group: int) -> Rollout:
-        """An offline algorithm's round: demonstrations or preference pairs from the data (reval.offline)."""
+        """An offline algorithm's round: demonstrations or preference pairs from the data (reval.offline);
+        for dualqdm also G answers the policy samples to each demonstration's prompt."""
         examples = self.rng.sample(self.train_set, self.prompts_per_rank)
         fresh = offline.to_experiences(
             examples, self.tokenizer, template=self.template, chat=self.chat, eos_id=self.tokenizer.eos_token_id,
             version=self.counters["updates"], round=rnd, first_group_id=first_group, first_uid=first_uid,
             task=self.embedded_task, rng=self.rng)
         self.counters["samples"] += len(examples) * self.world
-        return Rollout(rnd, fresh, first_uid=first_uid)
+        if not ALGORITHMS[self.cfg.algo].samples_demonstrations:
+            return Rollout(rnd, fresh, first_uid=first_uid)
+        t0, G = time.time(), self.cfg.rollout.samples_per_prompt
+        prompts = [format_prompt(self.tokenizer, ex.prompt if isinstance(ex, Demonstration) else ex.question,
+                                 self.template, self.chat) for ex in examples]
+        samples, _ = self._generate(prompts, rnd)
+        fresh = offline.with_samples(fresh, samples, G, version=self.counters["sampler_version"],
+                                     first_uid=first_uid + len(fresh))
+        self.counters["samples"] += len(samples.response_ids) * self.world
+        return Rollout(rnd, fresh, time.time() - t0, first_uid=first_uid, policy_version=self.counters["sampler_version"],
+                       truncated_frac=sum(samples.truncated) / max(len(samples.truncated), 1))
 
-    def _sample(self, rnd: int, first_uid: int, first_group: int) -> Rollout:
-        cfg, counters, t0 = self.cfg, self.counters, time.time()
-        # 1. task: this round's prompts (P / N on each of N ranks)
-        problems = self.rng.sample(self.train_set, self.prompts_per_rank)
-        prompts = [format_prompt(self.tokenizer, p.question, self.template, self.chat) for p in problems]
-        # 2. rollout: the generation seed depends only on (seed, round, rank) -> reproducible on resume
+    def _generate(self, prompts: list[str], rnd: int) -> tuple[Samples, int]:
+        """G answers to each prompt from the sampler (synced or lagged as configured), and its lag in
+        updates. The generation seed depends only on (seed, round, rank): reproducible on resume."""
+        cfg, counters = self.cfg, self.counters
         seed = cfg.seed * 1_000_003 + rnd + 7919 * self.rank
         torch.manual_seed(seed)
         if cfg.rollout.lag:
@@ -130,11 +141,21 @@ class Actor:
         elif rnd % cfg.rollout.sync_every == 0 and counters["sampler_version"] != counters["updates"]:
             self.sync()
         lag = counters["updates"] - counters["sampler_version"]  # updates the sampler is behind
-        G = cfg.rollout.samples_per_prompt
         with full_params(self.accelerator, self.policy) if cfg.rollout.backend == "hf" else contextlib.nullcontext():
-            samples = self.generator.generate(prompts, samples_per_prompt=G, temperature=cfg.rollout.temperature,
-                                              top_p=cfg.rollout.top_p, max_new_tokens=cfg.max_new_tokens,
-                                              seed=seed, return_logprobs=self.return_logprobs)
+            samples = self.generator.generate(prompts, samples_per_prompt=cfg.rollout.samples_per_prompt,
+                                              temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
+                                              max_new_tokens=cfg.max_new_tokens, seed=seed,
+                                              return_logprobs=self.return_logprobs)
+        return samples, lag
+
+    def _sample(self, rnd: int, first_uid: int, first_group: int) -> Rollout:
+        cfg, counters, t0 = self.cfg, self.counters, time.time()
+        # 1. task: this round's prompts (P / N on each of N ranks)
+        problems = self.rng.sample(self.train_set, self.prompts_per_rank)
+        prompts = [format_prompt(self.tokenizer, p.question, self.template, self.chat) for p in problems]
+        # 2. rollout
+        samples, lag = self._generate(prompts, rnd)
+        G = cfg.rollout.samples_per_prompt
         t_gen = time.time() - t0
         # 3. rewards
         completions = self.tokenizer.batch_decode(samples.response_ids, skip_special_tokens=True)

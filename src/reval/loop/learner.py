@@ -45,7 +45,7 @@ def update(policy, reference, optimizer, batch: Batch, cfg: TrainConfig,
     device = accelerator.device if accelerator is not None else batch.response_ids.device
     rows = ROWS_PER_EXAMPLE[algo.data]  # 2: a preference pair's two answers are adjacent rows
     tokens = int(batch.response_mask.sum())
-    denom = tokens if algo.per_token else len(batch) // rows
+    denom = algo.denominator(batch) if algo.denominator else tokens if algo.per_token else len(batch) // rows
     optimizer.zero_grad(set_to_none=True)
     sums: dict[str, float] = {"perf/ref_cache_hits": 0.0} if algo.needs_reference else {}
     total_loss = 0.0

@@ -138,8 +138,10 @@ class Run:
         self.fresh_start = state is None
         if state is not None:
             self._restore(state)
-        self.rows_per_rank = cfg.rollout.prompts_per_round // self.world * ROWS_PER_EXAMPLE[self.algo.data] \
-            if self.offline_data else cfg.batch_size // self.world
+        rows = ROWS_PER_EXAMPLE[self.algo.data] + (cfg.rollout.samples_per_prompt if self.algo.samples_demonstrations
+                                                   else 0)  # dualqdm: a demonstration and G answers
+        self.rows_per_rank = cfg.rollout.prompts_per_round // self.world * rows if self.offline_data \
+            else cfg.batch_size // self.world
         self.actor = Actor(cfg, accelerator, generator, self.tokenizer, train_set, self.rngs["prompts"],
                            self.counters, policy=self.policy, model=self.model, template=self.template,
                            chat=self.chat, reward_fns=self.reward_fns, reward_errors=self.reward_errors,
@@ -297,6 +299,7 @@ class Run:
             self.streaks["no_signal_rounds"] = self.streaks["no_signal_rounds"] + 1 if flat else 0
             if self.main and self.streaks["no_signal_rounds"] == NO_SIGNAL_ROUNDS:
                 say(no_signal_message(cfg, self.prompt, self.reward_names, rec, counters["round"]))
+        if "rollout/truncated_frac" in rec:
             self._warn_truncated("training", f"round {counters['round']}", rec["rollout/truncated_frac"])
         done = counters["round"] == cfg.rounds
         if self.eval_sets and (done or (cfg.eval.every and counters["round"] % cfg.eval.every == 0)):
@@ -443,6 +446,8 @@ def round_record(counters: dict, rollout: Rollout, upd_metrics: list[dict], t_up
     samples, fresh = rollout.samples, rollout.fresh
     if samples is None:
         rec["data/response_len"] = sum(len(e.response_ids) for e in fresh) / len(fresh)
+        if rollout.truncated_frac is not None:  # dualqdm: its sampled answers
+            rec["rollout/truncated_frac"] = rollout.truncated_frac
     else:
         r = torch.tensor([x for x in rollout.rewards if x is not None] or [0.0])
         rec.update({"rollout/reward_mean": r.mean().item(),

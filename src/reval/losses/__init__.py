@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from reval.losses.dpo import dpo_loss
+from reval.losses.dualqdm import dualqdm_loss
 from reval.losses.grpo import grpo_advantage, grpo_loss, sampler_weight
 from reval.losses.iq import iq_loss, mle_loss
 from reval.losses.qadapter import qadapter_loss
@@ -34,6 +35,10 @@ class Algorithm:
     compute: Callable[[dict, object, int], tuple[torch.Tensor, dict]]
     data: str = "rollout"  # a round's data: sampled answers, "demonstrations" or "preferences"
     all_values: bool = False  # t["v"] is V(s_t) at every answer position (B, T), not V(s_1) (B,)
+    # demonstrations: a round also samples rollout.samples_per_prompt answers to each one's prompt
+    samples_demonstrations: bool = False
+    # the whole batch's normaliser when it is neither its tokens nor its examples (batch -> int)
+    denominator: Callable[[object], int] | None = None
 
 
 def _reval(t: dict, cfg, denom: int):
@@ -65,6 +70,22 @@ def _iq(t: dict, cfg, denom: int):
                    truncated=t["truncated"], num_tokens=denom)
 
 
+def _dualqdm(t: dict, cfg, denom: int):
+    # a group is one demonstration (reward 1) and its prompt's G samples (reward 0), so the group's
+    # mean reward is 1 / (1 + G): each sample's share of the value term is 1/(2G), the demonstration's 1/2
+    expert = t["reward"] > 0.5
+    g = (1.0 / t["group_mean"] - 1.0).round().clamp(min=1.0)
+    weight = torch.where(expert, 0.5, 0.5 / g)
+    return dualqdm_loss(t["logp"], t["v"], t["mask"], expert, weight, rho=cfg.dualqdm_rho,
+                        r_min=cfg.dualqdm_r_min, r_max=cfg.dualqdm_r_max, gamma=cfg.gamma,
+                        box_terminal=cfg.dualqdm_box_terminal, truncated=t["truncated"], num_tokens=denom)
+
+
+def _demonstration_tokens(batch) -> int:
+    """Dual Q-DM's N: the answer tokens of the batch's demonstrations (reward 1)."""
+    return max(int((batch.response_mask.sum(1) * (batch.reward > 0.5)).sum()), 1)
+
+
 def _dpo(t: dict, cfg, denom: int):
     return dpo_loss(t["logp"], t["ref_logp"], t["mask"], beta=cfg.beta, label_smoothing=cfg.label_smoothing,
                     num_pairs=denom)
@@ -92,6 +113,10 @@ ALGORITHMS: dict[str, Algorithm] = {
                      default_updates_per_round=1, compute=_mle, data="demonstrations"),
     "iq": Algorithm(needs_reference=False, replay=False, needs_old_logp=False, per_token=True,
                     default_updates_per_round=1, compute=_iq, data="demonstrations", all_values=True),
+    # imitation with the policy's own answers: IQ-Learn plus Bellman constraints (Dual Q-DM)
+    "dualqdm": Algorithm(needs_reference=False, replay=False, needs_old_logp=False, per_token=True,
+                         default_updates_per_round=1, compute=_dualqdm, data="demonstrations", all_values=True,
+                         samples_demonstrations=True, denominator=_demonstration_tokens),
     # preferences: DPO against the reference; Q-Adapter's residual Q on the frozen base
     # (its "reference" is the base under the head, `reval.qhead`)
     "dpo": Algorithm(needs_reference=True, replay=False, needs_old_logp=False, per_token=False,
@@ -100,5 +125,5 @@ ALGORITHMS: dict[str, Algorithm] = {
                           default_updates_per_round=1, compute=_qadapter, data="preferences", all_values=True),
 }
 
-__all__ = ["ALGORITHMS", "Algorithm", "dpo_loss", "grpo_advantage", "grpo_loss", "iq_loss", "mle_loss",
+__all__ = ["ALGORITHMS", "Algorithm", "dpo_loss", "dualqdm_loss", "grpo_advantage", "grpo_loss", "iq_loss", "mle_loss",
            "qadapter_loss", "reval_loss", "tbrm_loss"]
