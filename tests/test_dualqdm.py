@@ -318,3 +318,15 @@ def test_sampled_answers_cut_by_the_budget_are_reported(tiny_dir, tmp_path, caps
     assert frac > 0.1
     said = capsys.readouterr()
     assert "rollout.max_new_tokens" in said.err + said.out
+
+
+def test_revaltrainer_runs_dualqdm_on_prompt_response_rows(tiny_dir, tmp_path):
+    from reval import ReValConfig, ReValTrainer
+
+    rows = [{"prompt": f"{i}*2", "response": f"{2 * i}"} for i in range(4)]
+    trainer = ReValTrainer(model=str(tiny_dir), train_dataset=rows, args=ReValConfig(
+        algo="dualqdm", output_dir=str(tmp_path / "dq"), rounds=1, prompts_per_round=2, samples_per_prompt=2,
+        max_new_tokens=4, dualqdm_rho=1.0, progress=False, report_to="none"))
+    assert trainer.train_problems[0] == Demonstration("0*2", "0")
+    result = trainer.train()
+    assert result["updates"] == 1 and result["samples"] == 2 * (1 + 2)
