@@ -23,7 +23,7 @@ Dual Q-DM > IQ-Learn ~ MLE on uncovered states.
   accuracy on 200 problems), and with it Dual Q-DM's box [-b, b] (b in BOXES); the winners run
   SEEDS on the test split.
   Measures (test). Greedy accuracy on 400 problems, on the covered and the uncovered ones; the
-  compounding-error curve (share of greedy answers whose first k steps are all right); distinct
+  compounding-error curve (share of all greedy answers whose first k steps are right); distinct
   whole solutions per 8 samples (100 problems); and the model's values at the states right after
   "x*d=" of the correct solution, for covered and uncovered facts: V(s) = logsumexp of the logits,
   the logit of the right first digit, and its probability.
@@ -190,8 +190,11 @@ def run_job(j: dict) -> dict:
                            "loss.dualqdm_r_max": j["box"]})
         final = train_run(config, Path(j["run_dir"]))
     res = measure(final, j["split"], j["seed"], quick)
-    res["train_seconds"] = json.loads((Path(j["run_dir"]) / "metrics.jsonl").read_text().splitlines()[-1]
-                                      )["seconds"]
+    rounds_ = [r for r in map(json.loads, (Path(j["run_dir"]) / "metrics.jsonl").read_text().splitlines())
+               if "loss/total" in r]
+    res["train_seconds"] = rounds_[-1]["seconds"]
+    res["train_metrics"] = {k: [r.get(k) for r in rounds_] for k in rounds_[-1]
+                            if k.startswith(("loss/", "q/", "rollout/reward_mean"))}  # per round
     shutil.rmtree(j["run_dir"])
     return res
 
@@ -223,9 +226,20 @@ def tune(out: Path, work: Path, workers: int, fresh: bool, quick: bool) -> dict:
     return tuning
 
 
+def binding_box(tuning: dict) -> tuple[float, float]:
+    """(box, lr) of the ablation: the narrowest box, at its best learning rate on validation."""
+    box = min(BOXES)
+    grid = {k: a for k, a in tuning["grid"]["dualqdm"].items() if k.endswith(f"box {box:g}")}
+    return box, float(max(grid, key=grid.get).split(",")[0])
+
+
 def run(out: Path, work: Path, tuning: dict, workers: int, fresh: bool, quick: bool) -> None:
-    launch(__file__, [job(out, work, "run", m, tuning["best_lr"][m], s, quick, tuning["best_box"].get(m))
-                      for m in ("reval", "dualqdm", "iq", "mle") for s in SEEDS], workers, fresh)
+    jobs = [job(out, work, "run", m, tuning["best_lr"][m], s, quick, tuning["best_box"].get(m))
+            for m in ("reval", "dualqdm", "iq", "mle") for s in SEEDS]
+    # the ablation: Dual Q-DM with a box that binds (validation picks the widest, where it barely does)
+    box, lr = binding_box(tuning)
+    jobs += [job(out, work, "ablation", "dualqdm", lr, s, quick, box) for s in SEEDS]
+    launch(__file__, jobs, workers, fresh)
 
 
 KEYS = ("accuracy", "accuracy_covered", "accuracy_uncovered", "sampled_accuracy", "distinct_solutions",
@@ -239,19 +253,24 @@ def report(out: Path) -> dict:
                          "prompts_per_round": DEMOS_PER_ROUND, "demonstrations": NUM_DEMOS,
                          "samples_per_prompt": SAMPLES, "seeds": list(SEEDS), "test_problems": N_TEST},
                "base": base, "tuning": tuning, "methods": {}}
-    for m in METHODS:
-        names = [job(out, out, "run", m, tuning["best_lr"][m], seed, False, tuning["best_box"].get(m))["result"]
-                 for seed in SEEDS]
+    box, lr = binding_box(tuning)
+    variants = {m: ("run", m, tuning["best_lr"][m], tuning["best_box"].get(m)) for m in METHODS}
+    variants[f"dualqdm, box {box:g} (ablation)"] = ("ablation", "dualqdm", lr, box)
+    for m, (stage, method, lr_, box_) in variants.items():
+        names = [job(out, out, stage, method, lr_, seed, False, box_)["result"] for seed in SEEDS]
         runs = [json.loads(Path(p).read_text()) for p in names if Path(p).exists()]
         if not runs:
             continue
-        s = {"lr": tuning["best_lr"][m], "box": tuning["best_box"].get(m),
+        s = {"lr": lr_, "box": box_,
              **{k: mean_sd([r[k] for r in runs]) for k in KEYS}}
+        s["steps_curve_per_seed"] = [r["steps_curve"] for r in runs]
         s["steps_curve"] = [mean(c) for c in zip(*(r["steps_curve"] for r in runs))]
         s["steps_curve_uncovered"] = [mean(c) for c in zip(*(r["steps_curve_uncovered"] for r in runs))]
         s["q_states"] = {kind: {q: mean_sd([r["q_states"][kind][q] for r in runs]) for q in ("v", "logit", "prob")}
                          for kind in ("covered", "uncovered")}
         s["n_covered"], s["n_uncovered"] = runs[0]["n_covered"], runs[0]["n_uncovered"]
+        if all("train_metrics" in r for r in runs):  # the last round's training metrics, mean over seeds
+            s["last_round"] = {k: mean(r["train_metrics"][k][-1] for r in runs) for k in runs[0]["train_metrics"]}
         summary["methods"][m] = s
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     pct = lambda x: f"{100 * x:.1f}%"  # noqa: E731
@@ -271,7 +290,8 @@ def report(out: Path) -> dict:
     first = next(iter(summary["methods"].values()), None)
     if first:
         lines += ["", f"Test problems: {first['n_covered']} covered, {first['n_uncovered']} uncovered.", "",
-                  "Compounding errors: share of greedy answers whose first k steps are all right (all test problems):",
+                  "Compounding errors: share of all greedy test answers whose first k steps are right (a correct answer "
+                  "has 10 steps, or 11: only those reach k = 11):",
                   "", "| method | " + " | ".join(f"k={k}" for k in range(1, len(base["steps_curve"]) + 1)) + " |",
                   "|---|" + "---|" * len(base["steps_curve"]),
                   "| warm start | " + " | ".join(f"{100 * x:.0f}" for x in base["steps_curve"]) + " |"]
@@ -290,6 +310,16 @@ def report(out: Path) -> dict:
                                                   f"{s['q_states'][k][q]['mean']:.3f}"
                                                   for q in ("v", "logit", "prob") for k in ("covered", "uncovered"))
                          + " |")
+    dq = {m: s for m, s in summary["methods"].items() if m.startswith("dualqdm") and "last_round" in s}
+    if dq:
+        lines += ["", "Dual Q-DM's constraint in the last training round (mean over seeds): share of implied rewards "
+                      "outside the box, penalty per boxed token, mean implied reward:", "",
+                  "| variant | outside, demonstrations | outside, samples | penalty | r demonstrations | r samples |",
+                  "|---|---|---|---|---|---|"]
+        for m, s in dq.items():
+            t = s["last_round"]
+            lines.append(f"| {m} | {100 * t['q/outside_box_expert']:.1f}% | {100 * t['q/outside_box_policy']:.1f}% | "
+                         f"{t['loss/bellman']:.3f} | {t['q/reward_expert']:.2f} | {t['q/reward_policy']:.2f} |")
     lines += ["", "Validation greedy accuracy (seed 0) by learning rate: " + "; ".join(
         f"{m}: " + ", ".join(f"{k} {100 * a:.1f}%" for k, a in g.items()) for m, g in tuning["grid"].items())]
     (out / "summary.md").write_text("\n".join(lines) + "\n")
