@@ -341,3 +341,18 @@ def test_revaltrainer_runs_dualqdm_on_prompt_response_rows(tiny_dir, tmp_path):
     assert trainer.train_problems[0] == Demonstration("0*2", "0")
     result = trainer.train()
     assert result["updates"] == 1 and result["samples"] == 2 * (1 + 2)
+
+
+def test_with_lora_and_an_evaluation_set(tiny_dir, tmp_path):
+    """A LoRA adapter trains and is saved as one, and the eval set is scored each round."""
+    evals = tmp_path / "eval.jsonl"
+    evals.write_text("".join(json.dumps({"question": f"{i}*2", "answer": f"{2 * i}"}) + "\n" for i in range(3)))
+    cfg = _cfg(tiny_dir, tmp_path, model__lora_rank=4)
+    cfg.task.eval_data, cfg.eval.every = (str(evals),), 1
+    result = train_mod.train(cfg)
+    assert result["updates"] == 2
+    rows = _metrics(cfg)
+    assert sum("eval/accuracy" in r for r in rows) >= 2 and all(r["perf/skipped"] == 0.0 for r in rows
+                                                                if "loss/total" in r)
+    ckpt = sorted((cfg.out / "checkpoints").glob("round-*"))[-1]
+    assert (ckpt / "model" / "adapter_config.json").exists()
