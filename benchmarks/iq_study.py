@@ -24,7 +24,6 @@ IQ-Learn's TD term gives more diverse generations at equal or better task scores
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import shutil
@@ -33,7 +32,7 @@ from pathlib import Path
 from statistics import mean
 
 sys.path.insert(0, str(Path(__file__).parent))
-from offline_common import child_main, generations, launch, mean_sd, train_run  # noqa: E402
+from offline_common import child_main, generations, launch, mean_sd, study_args, train_run  # noqa: E402
 
 from reval.metrics import read_metrics  # noqa: E402
 from reval.model import default_model_path  # noqa: E402
@@ -203,17 +202,7 @@ def report(out: Path) -> dict:
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "child":
         return child_main(run_job)
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("stage", choices=("all", "tune", "run", "report"))
-    ap.add_argument("--out", type=Path, default=None)
-    ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--fresh", action="store_true")
-    ap.add_argument("--quick", action="store_true")
-    a = ap.parse_args()
-    out = a.out or (Path("runs/iq-quick") if a.quick else OUT)
-    work = out if a.quick else Path("runs/iq")  # models and the demonstrations file: not committed
-    for d in (out, work):
-        d.mkdir(parents=True, exist_ok=True)
+    a, out, work = study_args(__doc__, "iq", OUT)
     if a.stage != "report":
         demos(work, a.quick)
         base_scores(out, a.quick)

@@ -8,6 +8,7 @@ keeps only its final model, and the study evaluates that model with `generations
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -20,6 +21,24 @@ from statistics import mean
 
 from reval.config import TrainConfig
 from reval.demo import set_field
+
+
+def study_args(doc: str, name: str, out: Path) -> tuple[argparse.Namespace, Path, Path]:
+    """The command line every study shares: (args, results directory, work directory). The results
+    go to `out` (`runs/NAME-quick` with --quick); models, data files and run directories go to
+    `runs/NAME`, which is not committed (with --quick: the results directory)."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("stage", choices=("all", "tune", "run", "report"))
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--fresh", action="store_true")
+    ap.add_argument("--quick", action="store_true")
+    a = ap.parse_args()
+    results = a.out or (Path(f"runs/{name}-quick") if a.quick else out)
+    work = results if a.quick else Path(f"runs/{name}")
+    for d in (results, work):
+        d.mkdir(parents=True, exist_ok=True)
+    return a, results, work
 
 
 def launch(script: str, jobs: list[dict], workers: int = 2, fresh: bool = False) -> list[dict]:

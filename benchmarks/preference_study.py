@@ -31,7 +31,6 @@ the new layout).
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import re
@@ -41,7 +40,7 @@ from pathlib import Path
 from statistics import mean
 
 sys.path.insert(0, str(Path(__file__).parent))
-from offline_common import child_main, generations, launch, mean_sd, pair_margins, train_run  # noqa: E402
+from offline_common import child_main, generations, launch, mean_sd, pair_margins, study_args, train_run  # noqa: E402
 
 from reval.tasks import TASKS  # noqa: E402
 from reval.tasks.arithmetic import num_carries, verify  # noqa: E402
@@ -265,17 +264,7 @@ def report(out: Path) -> dict:
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "child":
         return child_main(run_job)
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("stage", choices=("all", "tune", "run", "report"))
-    ap.add_argument("--out", type=Path, default=None)
-    ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--fresh", action="store_true")
-    ap.add_argument("--quick", action="store_true")
-    a = ap.parse_args()
-    out = a.out or (Path("runs/preferences-quick") if a.quick else OUT)
-    work = out if a.quick else Path("runs/preferences")  # models and pair files: not committed
-    for d in (out, work):
-        d.mkdir(parents=True, exist_ok=True)
+    a, out, work = study_args(__doc__, "preferences", OUT)
     if a.stage != "report":
         model = base(work, a.quick)
         data(out, work, model, a.quick)
