@@ -184,6 +184,11 @@ class LossConfig:
     """GRPO: lower clip range (ratio >= 1 - clip_low)."""
     clip_high: float = 0.28
     """GRPO: upper clip range (ratio <= 1 + clip_high), DAPO's clip-higher."""
+    grpo_std: Literal["population", "sample"] = "population"
+    """GRPO: the group std that divides the advantage, population (ddof 0, ours) or sample (ddof 1,
+    TRL's and DeepSeekMath's); with grpo_eps 1e-4 "sample" is TRL's advantage exactly (docs/benchmark.md)."""
+    grpo_eps: float = 1e-6
+    """GRPO: added to the group std before dividing (TRL: 1e-4)."""
     ref_reset_every: int = 0
     """Copy the policy into the reference every N `ref_reset_unit`s (0: never)."""
     ref_reset_unit: Literal["rounds", "updates"] = "rounds"
@@ -386,6 +391,7 @@ class TrainConfig:
              "1 for qadapter with LoRA (the adapted model's raw logsumexp carries an arbitrary per-state "
              "offset that gamma < 1 would turn into reward)"),
             ("loss.clip_high", self.loss.clip_high >= 0, ">= 0"),
+            ("loss.grpo_eps", self.loss.grpo_eps > 0, "> 0"),
             ("loss.ref_reset_every", self.loss.ref_reset_every >= 0, ">= 0 (0 = never)"),
             ("loss.ref_reset_unit", self.loss.ref_reset_unit in ("rounds", "updates"), "rounds or updates"),
             ("task.name", self.task.name in TASKS, f"one of {sorted(TASKS)}"),

@@ -152,10 +152,10 @@ class HFGenerator:
                 dst.copy_(src)
 
 
-def group_stats(rewards: list[float]) -> tuple[float, float]:
+def group_stats(rewards: list[float], ddof: int = 0) -> tuple[float, float]:
     """(mean, std) of one group's rewards, the baseline of `group_mean` rewards and GRPO.
 
-    std is the population std (ddof = 0). A group of one answer (G = 1, or one scored
+    std is the population std (ddof = 0) or the sample std (ddof = 1, TRL's). A group of one answer (G = 1, or one scored
     answer) has no group to compare with: it gets mean 0 and std 1, so both methods see
     its raw reward (verl's convention); with its own mean and std 0 it would give every
     method a zero signal.
@@ -163,12 +163,14 @@ def group_stats(rewards: list[float]) -> tuple[float, float]:
     if len(rewards) == 1:
         return 0.0, 1.0
     r = torch.tensor(rewards)
-    return r.mean().item(), r.std(unbiased=False).item()
+    return r.mean().item(), r.std(correction=ddof).item()
 
 
 def to_experiences(samples: Samples, rewards: list[float | None], *, samples_per_prompt: int,
-                   version: int, round: int, first_group_id: int = 0, first_uid: int = -1) -> list[Experience]:
-    """Attach rewards and group statistics; answers whose reward is None are dropped.
+                   version: int, round: int, first_group_id: int = 0, first_uid: int = -1,
+                   std_ddof: int = 0) -> list[Experience]:
+    """Attach rewards and group statistics (`group_stats` with `std_ddof`); answers whose reward
+    is None are dropped.
 
     With `first_uid` >= 0, answer i (in sampling order) gets uid `first_uid + i`."""
     out = []
@@ -177,7 +179,7 @@ def to_experiences(samples: Samples, rewards: list[float | None], *, samples_per
         valid = [i for i in idx if rewards[i] is not None]
         if not valid:
             continue
-        mean, std = group_stats([float(rewards[i]) for i in valid])
+        mean, std = group_stats([float(rewards[i]) for i in valid], std_ddof)
         for i in valid:
             out.append(Experience(
                 prompt_ids=tuple(samples.prompt_ids[i]), response_ids=tuple(samples.response_ids[i]),

@@ -171,7 +171,8 @@ class Actor:
             if trunc and rewards[i] is not None:
                 rewards[i] = None if cfg.loss.drop_truncated else 0.0  # no EOS: reward 0
         fresh = to_experiences(samples, rewards, samples_per_prompt=G, version=counters["sampler_version"],
-                               round=rnd, first_group_id=first_group, first_uid=first_uid)
+                               round=rnd, first_group_id=first_group, first_uid=first_uid,
+                               std_ddof=1 if cfg.loss.grpo_std == "sample" else 0)
         counters["samples"] += len(completions) * self.world
         return Rollout(rnd, fresh, t_gen, samples, rewards, failures, columns, first_uid, lag, unscored,
                        policy_version=counters["sampler_version"])

@@ -54,7 +54,7 @@ def _tbrm(t: dict, cfg, denom: int):
 
 
 def _grpo(t: dict, cfg, denom: int):
-    adv = grpo_advantage(t["reward"], t["group_mean"], t["group_std"])
+    adv = grpo_advantage(t["reward"], t["group_mean"], t["group_std"], eps=cfg.grpo_eps)
     weight = sampler_weight(t["old_logp"], t["sampler_logp"], cfg.sampler_weight_cap) \
         if "sampler_logp" in t else None
     return grpo_loss(t["logp"], t["old_logp"], t["mask"], adv, clip_low=cfg.clip_low,

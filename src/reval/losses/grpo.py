@@ -8,7 +8,8 @@ For G answers to one prompt with rewards r_i (method.md section 7):
 
 Token-mean aggregation: the sum over every response token of the batch divided by the
 number of those tokens (DAPO), not a mean of per-sequence means. std is the population
-std of the group (ddof = 0).
+std of the group (ddof = 0) and eps 1e-6 by default; `loss.grpo_std sample` with
+`loss.grpo_eps 1e-4` is TRL's advantage (tests/test_grpo_trl.py checks the two agree).
 
 When the sampler is not the trained policy (vLLM, or `rollout.sync_every > 1`), pi_old is
 still the trainer's policy before the round's updates (the proximal policy of the clip),
