@@ -1,7 +1,7 @@
 """Replay buffer and collation: `Experience` records in, padded `Batch` tensors out.
 
-The buffer is a FIFO ring of capacity M with uniform sampling (method.md section 6).
-It stores what the sampler produced (token ids, rewards, group statistics, versions),
+The buffer is a FIFO ring of capacity M with uniform sampling (method.md section 6), or,
+beyond the paper, prioritised or age-decayed sampling (`buffer.sampling`, docs/replay.md). It stores what the sampler produced (token ids, rewards, group statistics, versions),
 never the policy's log-probabilities: those are recomputed under the current policy at
 every update. (The reference's, which only change at a reference reset, are cached
 separately, tagged with the reference version: `reval.reference.RefCache`.)
@@ -9,29 +9,54 @@ separately, tagged with the reference version: `reval.reference.RefCache`.)
 
 from __future__ import annotations
 
+import math
 import random
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from reval.rollout import Experience
 
 
-class ReplayBuffer:
-    """FIFO buffer of trajectories; the oldest are evicted first once `capacity` is hit."""
+SAMPLING = ("uniform", "residual", "variance", "recency")
 
-    def __init__(self, capacity: int):
+
+class ReplayBuffer:
+    """FIFO buffer of trajectories; the oldest are evicted first once `capacity` is hit.
+
+    `draw` samples a batch by `sampling`:
+      uniform   every stored answer alike, without replacement (the paper);
+      residual  prioritised replay (Schaul et al., 2016): P(i) ~ (|delta_i| + eps)^alpha, delta_i the
+                answer's soft Bellman residual at its last use (a new answer gets the largest priority
+                seen, so it is drawn soon); `update_priorities` writes them back after each update;
+      variance  P(i) ~ (std of its group's rewards + eps)^alpha: answers from groups that disagree;
+      recency   P(i) ~ 2^(-age_i / half_life), age in rounds: a replay ratio that falls with staleness.
+    The non-uniform schemes draw with replacement, so P(i) is exact and each drawn answer gets the
+    importance weight w_i = (N P(i))^-correction / max_j (N P(j))^-correction (<= 1), which the loss
+    multiplies its squared residual by: correction 1 removes the sampling bias, 0 keeps it.
+    """
+
+    def __init__(self, capacity: int, sampling: str = "uniform", alpha: float = 0.6, correction: float = 0.4,
+                 half_life: float = 5.0, eps: float = 0.01):
         if capacity < 1:
             raise ValueError(f"buffer capacity must be >= 1, got {capacity}")
+        if sampling not in SAMPLING:
+            raise ValueError(f"buffer sampling must be one of {SAMPLING}, got {sampling!r}")
         self.capacity = capacity
+        self.sampling, self.alpha, self.correction, self.half_life, self.eps = \
+            sampling, alpha, correction, half_life, eps
         self._items: deque[Experience] = deque(maxlen=capacity)
+        self._residual: dict[int, float] = {}  # uid -> |delta| at its last use (sampling "residual")
 
     def __len__(self) -> int:
         return len(self._items)
 
     def add(self, experiences: list[Experience]) -> None:
         self._items.extend(experiences)  # deque(maxlen) drops from the left: FIFO
+        if self._residual:
+            live = {e.uid for e in self._items}
+            self._residual = {u: d for u, d in self._residual.items() if u in live}
 
     def uids(self) -> list[int]:
         return [e.uid for e in self._items]
@@ -41,6 +66,41 @@ class ReplayBuffer:
         if not self._items:
             raise ValueError("cannot sample from an empty replay buffer")
         return rng.sample(list(self._items), min(n, len(self._items)))
+
+    def priorities(self, now: int = 0) -> list[float]:
+        """The unnormalised sampling weight of every stored answer (oldest first); `now`: the current round."""
+        items = list(self._items)
+        if self.sampling == "residual":
+            top = max(self._residual.values(), default=1.0)
+            return [(self._residual.get(e.uid, top) + self.eps) ** self.alpha for e in items]
+        if self.sampling == "variance":
+            return [(e.group_std + self.eps) ** self.alpha for e in items]
+        if self.sampling == "recency":
+            return [2.0 ** (-max(now - e.round, 0) / self.half_life) for e in items]
+        return [1.0] * len(items)
+
+    def draw(self, n: int, rng: random.Random, now: int = 0) -> tuple[list[Experience], list[float]]:
+        """`n` trajectories by the buffer's sampling scheme and their importance weights (all 1 for uniform)."""
+        if self.sampling == "uniform":
+            picked = self.sample(n, rng)
+            return picked, [1.0] * len(picked)
+        if not self._items:
+            raise ValueError("cannot sample from an empty replay buffer")
+        items, p = list(self._items), self.priorities(now)
+        total, N = sum(p), len(items)
+        idx = rng.choices(range(N), weights=p, k=min(n, N))
+        # w_i = (N P(i))^-c, normalised by the largest over the buffer (the least likely answer's)
+        worst = (N * min(p) / total) ** -self.correction
+        return [items[i] for i in idx], [(N * p[i] / total) ** -self.correction / worst for i in idx]
+
+    def update_priorities(self, uids: torch.Tensor, abs_residual: torch.Tensor) -> None:
+        """Record each answer's |delta| from the update that just used it (sampling "residual")."""
+        if self.sampling != "residual":
+            return
+        live = set(self.uids())
+        for u, d in zip(uids.tolist(), abs_residual.tolist()):
+            if u in live and math.isfinite(d):
+                self._residual[u] = d
 
     # Saved as flat tensors (token ids concatenated, one tensor per field) so a checkpoint
     # stores them in safetensors; floats as float64, which holds a Python float exactly.
@@ -56,7 +116,9 @@ class ReplayBuffer:
                 "truncated": torch.tensor([e.truncated for e in items], dtype=torch.bool),
                 **{f: torch.tensor([getattr(e, f) for e in items], dtype=torch.long) for f in self._INT_FIELDS},
                 **{f: torch.tensor([getattr(e, f) for e in items], dtype=torch.float64)
-                   for f in self._FLOAT_FIELDS}}
+                   for f in self._FLOAT_FIELDS},
+                # |delta| at last use (NaN: not used yet), for sampling "residual"
+                "residual": torch.tensor([self._residual.get(e.uid, math.nan) for e in items], dtype=torch.float64)}
 
     @staticmethod
     def stored_size(state: dict) -> int:
@@ -86,6 +148,8 @@ class ReplayBuffer:
             items = [{"prompt_ids": tuple(p.tolist()), "response_ids": tuple(r.tolist()),
                       **{f: v[i] for f, v in cols.items()}} for i, (p, r) in enumerate(zip(prompts, responses))]
         self._items = deque((Experience(**d) for d in items), maxlen=self.capacity)
+        residual = state["residual"].tolist() if "residual" in state else []  # older checkpoints: none
+        self._residual = {e.uid: d for e, d in zip(self._items, residual) if not math.isnan(d)}
 
 
 @dataclass
@@ -110,6 +174,11 @@ class Batch:
     version: torch.Tensor  # (B,) policy version that sampled each trajectory
     truncated: torch.Tensor  # (B,) bool
     uid: torch.Tensor  # (B,) trajectory id (-1: none), the key of the reference cache
+    weight: torch.Tensor = field(default=None)  # (B,) importance weight of prioritised replay (1: none)
+
+    def __post_init__(self):
+        if self.weight is None:
+            self.weight = torch.ones(self.reward.shape)
 
     def __len__(self) -> int:
         return self.response_ids.shape[0]
@@ -140,8 +209,9 @@ class Batch:
                      **rows)
 
 
-def collate(experiences: list[Experience], pad_id: int) -> Batch:
-    """Pack trajectories into a `Batch`, answers to the same prompt next to each other.
+def collate(experiences: list[Experience], pad_id: int, weights: list[float] | None = None) -> Batch:
+    """Pack trajectories into a `Batch`, answers to the same prompt next to each other; `weights`: each
+    one's importance weight (`ReplayBuffer.draw`), else 1.
 
     Rows are reordered (stably) so that trajectories with identical prompt ids are
     adjacent: a micro-batch then holds whole groups and each prompt is computed once.
@@ -151,7 +221,8 @@ def collate(experiences: list[Experience], pad_id: int) -> Batch:
     prompts: dict[tuple[int, ...], int] = {}
     for e in experiences:
         prompts.setdefault(e.prompt_ids, len(prompts))
-    rows = sorted(experiences, key=lambda e: prompts[e.prompt_ids])
+    order = sorted(range(len(experiences)), key=lambda i: prompts[experiences[i].prompt_ids])
+    rows = [experiences[i] for i in order]
     U, B = len(prompts), len(rows)
     P = max(len(p) for p in prompts)
     H = max(max(len(e.response_ids) for e in rows), 1)
@@ -168,4 +239,5 @@ def collate(experiences: list[Experience], pad_id: int) -> Batch:
     col = lambda name, dtype=torch.float32: torch.tensor([getattr(e, name) for e in rows], dtype=dtype)  # noqa: E731
     return Batch(prompt_ids, prompt_mask, torch.tensor([prompts[e.prompt_ids] for e in rows]), response_ids,
                  response_mask, col("reward"), col("group_mean"), col("group_std"), col("version", torch.long),
-                 col("truncated", torch.bool), col("uid", torch.long))
+                 col("truncated", torch.bool), col("uid", torch.long),
+                 torch.tensor([weights[i] for i in order] if weights is not None else [1.0] * B, dtype=torch.float32))

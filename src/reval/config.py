@@ -25,6 +25,7 @@ from reval.tasks import TASKS, warmstart_path
 ALGORITHM_NAMES = ("reval", "tbrm", "tbrm_replay", "grpo", "mle", "iq", "dualqdm", "dpo", "qadapter")
 # a round is drawn from data (dualqdm also samples answers to the demonstrations' prompts)
 OFFLINE_ALGORITHMS = ("mle", "iq", "dualqdm", "dpo", "qadapter")
+REPLAY_ALGORITHMS = ("reval", "tbrm_replay")  # updates after a round's first sample the buffer
 TRACKERS = ("tensorboard", "wandb", "mlflow")
 
 
@@ -171,6 +172,17 @@ class BufferConfig:
     GRPO with K > 1 reuses the fresh batch PPO-style instead of sampling the buffer."""
     first_update_fresh: bool = True
     """The first update of a round uses the fresh batch; the rest sample the buffer."""
+    sampling: Literal["uniform", "residual", "variance", "recency"] = "uniform"
+    """How replay updates draw from the buffer (replay algorithms: reval, tbrm_replay; docs/replay.md):
+    uniform (the paper); residual: prioritised by the answer's |Bellman residual| at its last use;
+    variance: by the reward std of its group; recency: 2^(-age / half_life), age in rounds."""
+    priority_alpha: float = 0.6
+    """residual, variance: P(i) ~ (priority + 0.01)^alpha; 0 is uniform (with replacement)."""
+    priority_correction: float = 0.4
+    """Non-uniform sampling: exponent c of the importance weight (N P(i))^-c on each squared residual;
+    1 removes the sampling bias, 0 keeps it (PER's beta)."""
+    half_life: float = 5.0
+    """recency: rounds after which an answer is drawn half as often."""
 
 
 @dataclass
@@ -392,6 +404,12 @@ class TrainConfig:
              "offset that gamma < 1 would turn into reward)"),
             ("loss.clip_high", self.loss.clip_high >= 0, ">= 0"),
             ("loss.grpo_eps", self.loss.grpo_eps > 0, "> 0"),
+            ("buffer.sampling", self.buffer.sampling == "uniform" or self.algo in REPLAY_ALGORITHMS,
+             f"uniform for {self.algo}, which does not sample a replay buffer (replay algorithms: "
+             f"{', '.join(REPLAY_ALGORITHMS)})"),
+            ("buffer.priority_alpha", self.buffer.priority_alpha >= 0, ">= 0"),
+            ("buffer.priority_correction", 0 <= self.buffer.priority_correction <= 1, "in [0, 1]"),
+            ("buffer.half_life", self.buffer.half_life > 0, "> 0"),
             ("loss.ref_reset_every", self.loss.ref_reset_every >= 0, ">= 0 (0 = never)"),
             ("loss.ref_reset_unit", self.loss.ref_reset_unit in ("rounds", "updates"), "rounds or updates"),
             ("task.name", self.task.name in TASKS, f"one of {sorted(TASKS)}"),

@@ -20,6 +20,7 @@ from reval.distributed import all_ranks_true, micro_batch_sync, to_local
 from reval.logprobs import sequence_logprobs
 from reval.loop.actor import corrects_sampler
 from reval.losses import ALGORITHMS
+from reval.losses.reval import ROW_RESIDUAL
 from reval.offline import ROWS_PER_EXAMPLE
 from reval.reference import RefCache, Reference
 
@@ -49,11 +50,13 @@ def update(policy, reference, optimizer, batch: Batch, cfg: TrainConfig,
     optimizer.zero_grad(set_to_none=True)
     sums: dict[str, float] = {"perf/ref_cache_hits": 0.0} if algo.needs_reference else {}
     total_loss = 0.0
+    rows_residual: list[torch.Tensor] = []  # |delta| per trajectory, in batch order (prioritised replay)
     micros = micro_batches(batch, max(cfg.optim.micro_batch_size // rows, 1) * rows)  # whole pairs
     for i, micro in enumerate(micros):
         micro = micro.to(device)
         t = {"mask": micro.response_mask, "reward": micro.reward, "truncated": micro.truncated,
-             "group_mean": micro.group_mean, "group_std": micro.group_std, "batch_tokens": tokens}
+             "group_mean": micro.group_mean, "group_std": micro.group_std, "batch_tokens": tokens,
+             "weight": micro.weight}
         if algo.needs_reference:
             hit = ref_cache.get(micro.uid, ref_version, micro.response_ids.shape[1]) if ref_cache is not None \
                 else None
@@ -75,6 +78,8 @@ def update(policy, reference, optimizer, batch: Batch, cfg: TrainConfig,
                     t["sampler_logp"] = sampler_logp[i].to(device)
             loss, metrics = algo.compute(t, cfg.loss, denom)
             accelerator.backward(loss) if accelerator is not None else loss.backward()
+        if ROW_RESIDUAL in metrics:
+            rows_residual.append(metrics.pop(ROW_RESIDUAL).detach().float().cpu())
         total_loss += loss.item()
         for k, v in metrics.items():  # max over micro-batches, else a size-weighted mean
             if k.endswith("_max_abs"):
@@ -83,8 +88,11 @@ def update(policy, reference, optimizer, batch: Batch, cfg: TrainConfig,
                 sums[k] = sums.get(k, 0.0) + v * len(micro) / len(batch)
     grad_norm, finite = _clip_and_step(policy, optimizer, cfg, accelerator, total_loss)
     optimizer.zero_grad(set_to_none=True)
-    return {**sums, "loss/total": total_loss, "loss/grad_norm": grad_norm.item(),
-            "perf/skipped": 0.0 if finite else 1.0}
+    out = {**sums, "loss/total": total_loss, "loss/grad_norm": grad_norm.item(),
+           "perf/skipped": 0.0 if finite else 1.0}
+    if rows_residual:
+        out[ROW_RESIDUAL] = torch.cat(rows_residual)  # not a metric: the learner pops it
+    return out
 
 
 def _clip_and_step(policy, optimizer, cfg: TrainConfig, accelerator, total_loss: float) -> tuple[torch.Tensor, bool]:
@@ -235,7 +243,8 @@ class Learner:
             if not self.algo.replay or (k == 0 and cfg.buffer.first_update_fresh):
                 batch = fresh_batch
             elif len(self.buffer):
-                batch = collate(self.buffer.sample(self.batch_rows, self.rng), self.pad_id)
+                items, weights = self.buffer.draw(self.batch_rows, self.rng, rollout.round)
+                batch = collate(items, self.pad_id, weights)
             else:
                 batch = None
             m = self.step(batch, old_logp, sampler_logp, rollout.round, track_staleness=not offline_data)
@@ -257,6 +266,12 @@ class Learner:
             return None  # every answer was dropped (e.g. all truncated): nothing to learn
         m = update(self.policy, self.reference, self.optimizer, batch, cfg, old_logp, self.accelerator,
                    self.ref_cache, counters["ref_version"], sampler_logp)
+        residual = m.pop(ROW_RESIDUAL, None)
+        if residual is not None:
+            self.buffer.update_priorities(batch.uid, residual)
+        if self.buffer.sampling != "uniform":
+            m["buffer/is_weight_mean"] = batch.weight.mean().item()
+            m["buffer/distinct_frac"] = len(set(batch.uid.tolist())) / len(batch)
         self.streaks["bad_updates"] = bad = self.streaks["bad_updates"] + 1 if m["perf/skipped"] else 0
         if bad >= cfg.optim.max_bad_updates:
             last = latest_checkpoint(self.run_dir)

@@ -217,7 +217,9 @@ class Run:
             if accelerator.is_fsdp2:  # a LoRA / Q-Adapter reference pass enters through FSDP2's root
                 reference.root = self.policy
         self.reference = reference
-        self.buffer = ReplayBuffer(cfg.buffer.capacity // self.world)  # this rank's shard (reval.distributed)
+        b = cfg.buffer  # this rank's shard (reval.distributed)
+        self.buffer = ReplayBuffer(b.capacity // self.world, b.sampling, b.priority_alpha, b.priority_correction,
+                                   b.half_life)
         # reference values of stored answers, reused while the reference is unchanged: worth it
         # when an answer is used more than once (replay, or K > 1)
         self.ref_cache = RefCache() if self.algo.needs_reference and cfg.loss.ref_cache and (

@@ -44,13 +44,13 @@ class Algorithm:
 def _reval(t: dict, cfg, denom: int):
     r = shape_reward(t["reward"], t["group_mean"], cfg.reward_variant)
     return reval_loss(t["logp"], t["ref_logp"], t["v"], t["ref_v"], t["mask"], r,
-                      beta=cfg.beta, num_trajectories=denom)
+                      beta=cfg.beta, num_trajectories=denom, weight=t.get("weight"))
 
 
 def _tbrm(t: dict, cfg, denom: int):
     r = shape_reward(t["reward"], t["group_mean"], cfg.reward_variant)
     return tbrm_loss(t["logp"], t["ref_logp"], t["v"], t["mask"], r, beta=cfg.beta,
-                     num_trajectories=denom)
+                     num_trajectories=denom, weight=t.get("weight"))
 
 
 def _grpo(t: dict, cfg, denom: int):

@@ -19,7 +19,7 @@ import torch
 
 def reval_loss(logp: torch.Tensor, ref_logp: torch.Tensor, v: torch.Tensor, ref_v: torch.Tensor,
                mask: torch.Tensor, reward: torch.Tensor, *, beta: float,
-               num_trajectories: int | None = None) -> tuple[torch.Tensor, dict]:
+               num_trajectories: int | None = None, weight: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """ReVal loss and metrics.
 
     Args:
@@ -31,10 +31,13 @@ def reval_loss(logp: torch.Tensor, ref_logp: torch.Tensor, v: torch.Tensor, ref_
         num_trajectories: trajectories in the whole optimisation batch, so that
             micro-batches summed with gradient accumulation give the batch mean
             (defaults to B).
+        weight: (B,) importance weight of each trajectory's squared residual (prioritised
+            replay, `reval.buffer.ReplayBuffer.draw`), or None for 1.
     """
     log_ratio = ((logp - ref_logp) * mask).sum(-1)  # (B,)
     delta = (v - ref_v) + log_ratio - reward / beta  # (B,)
-    loss = delta.pow(2).sum() / (num_trajectories or delta.shape[0])
+    sq = delta.pow(2) if weight is None else weight * delta.pow(2)
+    loss = sq.sum() / (num_trajectories or delta.shape[0])
     return loss, _residual_metrics(delta, log_ratio, v - ref_v)
 
 
@@ -46,4 +49,8 @@ def _residual_metrics(delta: torch.Tensor, log_ratio: torch.Tensor, v_gap: torch
         "loss/residual_max_abs": d.abs().max().item(),
         "q/log_ratio_mean": log_ratio.detach().mean().item(),
         "q/v_gap_mean": v_gap.detach().mean().item(),
+        ROW_RESIDUAL: d.abs(),  # per trajectory, for prioritised replay (popped by the learner, not logged)
     }
+
+
+ROW_RESIDUAL = "rows/abs_residual"

@@ -16,9 +16,10 @@ from reval.losses.reval import _residual_metrics
 
 def tbrm_loss(logp: torch.Tensor, ref_logp: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
               reward: torch.Tensor, *, beta: float,
-              num_trajectories: int | None = None) -> tuple[torch.Tensor, dict]:
+              num_trajectories: int | None = None, weight: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """TBRM loss; arguments and shapes as in `reval_loss`, minus `ref_v`."""
     log_ratio = ((logp - ref_logp) * mask).sum(-1)  # (B,)
     delta = v + log_ratio - reward / beta  # (B,)
-    loss = delta.pow(2).sum() / (num_trajectories or delta.shape[0])
+    sq = delta.pow(2) if weight is None else weight * delta.pow(2)
+    loss = sq.sum() / (num_trajectories or delta.shape[0])
     return loss, _residual_metrics(delta, log_ratio, v)
