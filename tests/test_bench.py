@@ -115,3 +115,53 @@ def test_ratio_and_first_reaching():
     assert bench.ratio([100, None], [100, 100]) is None
     curve = [{"round": 0, "samples": 0, "accuracy": 0.2}, {"round": 1, "samples": 16, "accuracy": 0.95}]
     assert bench.rounds_to(curve, 0.95) == 1 and bench.first_reaching(curve, 0.96, "samples") is None
+
+
+# -- the replay study's staged search (benchmarks/replay_study.py), with scores made up ---------------
+
+def _replay_study(monkeypatch, score_of):
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("replay_study", Path(__file__).parents[1] / "benchmarks"
+                                                  / "replay_study.py")
+    rs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rs)
+    calls = []
+
+    def fake_launch(specs, workers, fresh):
+        calls.extend(specs)
+        return [{"curve": [{"accuracy": 0.0}, {"accuracy": score_of(s)}]} for s in specs]
+
+    monkeypatch.setattr(rs, "launch", fake_launch)
+    return rs, calls
+
+
+def test_replay_grid_stages_build_on_each_other(monkeypatch, tmp_path):
+    """A picks lr x K at 16 x 8, B varies the shape at A's winner, C (ReVal only) the buffer, the reset
+    and then the sampling at C's best, D re-runs each method's top two on seeds 1 and 2; every run
+    has its own result file; the winner is the best 3-seed mean."""
+    def score_of(s):
+        base = {"reval": 0.6, "grpo": 0.5, "trl_grpo": 0.55}[s.method] - abs(s.lr - 1e-4) * 100
+        if s.samples_per_prompt == 4:
+            base += 0.02  # 32 x 4 is better
+        if s.overrides.get("buffer.capacity") == 1280 and s.overrides.get("loss.ref_reset_every") == 10:
+            base += 0.03
+        if s.overrides.get("buffer.sampling") == "recency":
+            base += 0.01
+        if s.seed and s.method == "grpo" and s.samples_per_prompt == 4:
+            base -= 0.2  # seed 0 flattered 32 x 4
+        return base + (0.001 * s.k if s.method != "grpo" else -0.001 * s.k)
+
+    rs, calls = _replay_study(monkeypatch, score_of)
+    stages = rs.grid(tmp_path, 2, False, False)
+    assert len({s.result for s in calls}) == len(calls) == 62
+    assert stages["A"]["reval"]["lr"] == 1e-4 and stages["A"]["reval"]["k"] == 8 and stages["A"]["reval"]["G"] == 8
+    assert stages["B"]["reval"]["G"] == 4  # the shape moved, at A's lr and K
+    c = stages["C"]["reval"]
+    assert c["G"] == 4 and c["overrides"] == {"buffer.capacity": 1280, "loss.ref_reset_every": 10,
+                                              "buffer.sampling": "recency"}
+    assert {s.method for s in calls if "gridC" in s.result} == {"reval"}
+    d = [s for s in calls if "gridD" in s.result]
+    assert sorted({s.seed for s in d}) == [1, 2] and len(d) == 3 * 2 * 2
+    assert stages["B"]["grpo"]["G"] == 4 and stages["D"]["grpo"]["G"] == 8  # won seed 0, not the 3-seed mean
+    assert all(s.split == "validation" for s in calls)
+    assert json.loads((tmp_path / "grid.json").read_text())["stages"]["D"] == stages["D"]
