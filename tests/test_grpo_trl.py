@@ -99,6 +99,8 @@ def test_grpo_matches_trl_grpo_trainer(tmp_path, offline_hub):
                       response_ids=[ids[m].tolist() for ids, m in zip(out["completion_ids"], cmask)],
                       truncated=[tok.eos_token_id not in ids[m].tolist() for ids, m in zip(out["completion_ids"], cmask)])
     assert len(set(scored)) > 1 and len(set(map(tuple, samples.prompt_ids))) == P
+    ours = [tok(format_prompt(tok, p.question), add_special_tokens=False)["input_ids"] for p in problems]
+    assert samples.prompt_ids == [ids for ids in ours for _ in range(G)]  # the prompt tokens our loop samples from
     exps = to_experiences(samples, scored, samples_per_prompt=G, version=0, round=0, first_uid=0, std_ddof=1)
     batch = collate(exps, tok.pad_token_id)
     assert [list(e.response_ids) for e in exps] == samples.response_ids  # prompt-major either way: same order
