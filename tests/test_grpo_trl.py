@@ -142,3 +142,72 @@ def test_grpo_matches_trl_grpo_trainer(tmp_path, offline_hub):
         flat = lambda gs: torch.cat([g.flatten() for g in gs])  # noqa: E731
         diff = (flat(opt.grads) - flat(trl_grads)).norm() / flat(trl_grads).norm()
         assert diff < 1e-4, f"gradient differs from TRL's by {diff:.2e} (relative), shared_prefix={shared_prefix}"
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("k", [1, 2])
+def test_grpo_steps_match_trl_through_its_own_loop(k, tmp_path, offline_hub):
+    """Two rounds of TRL's real training loop (sampling, shuffling, K Adam steps per generation
+    batch) and our `update` with AdamW on the answers TRL sampled: the weights move the same."""
+    pytest.importorskip("trl")
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    model, tok = load_model(default_model_path("mul"))
+    problems = TASKS["mul"].split("train", 20, seed=0)[:2 * P]  # 2 rounds of P prompts, in order
+    data = Dataset.from_list([{"prompt": format_prompt(tok, p.question), "answer": p.answer} for p in problems])
+    scored: list[list[float]] = []
+
+    def reward(prompts, completions, completion_ids, **_):
+        out = [float(sum(ids) % 3) for ids in completion_ids]
+        scored.append(out)
+        return out
+
+    args = GRPOConfig(output_dir=str(tmp_path), seed=0, use_cpu=True, bf16=False, report_to="none",
+                      save_strategy="no", disable_tqdm=True, dataloader_num_workers=0, logging_steps=1,
+                      per_device_train_batch_size=P * G // 2, gradient_accumulation_steps=2, num_generations=G,
+                      num_iterations=k, max_steps=2 * k, shuffle_dataset=False, max_completion_length=24,
+                      temperature=1.0, top_p=1.0, top_k=0, learning_rate=1e-3, lr_scheduler_type="constant",
+                      warmup_steps=0, weight_decay=0.0, max_grad_norm=1e9, gradient_checkpointing=False,
+                      disable_dropout=True, beta=0.0, epsilon=0.2, epsilon_high=0.28, loss_type="dapo",
+                      scale_rewards="group")
+    trainer = GRPOTrainer(model=copy.deepcopy(model), processing_class=tok, reward_funcs=[reward], args=args,
+                          train_dataset=data)
+    batches = []
+    generate = trainer._generate_and_score_completions
+
+    def capture(inputs):
+        out = generate(inputs)
+        batches.append({key: v.detach().clone() if torch.is_tensor(v) else v for key, v in out.items()})
+        return out
+
+    trainer._generate_and_score_completions = capture
+    trainer.train()
+    assert len(batches) == 2 and len(scored) == 2  # one generation batch per round
+
+    cfg = TrainConfig(algo="grpo")
+    cfg.loss.grpo_std, cfg.loss.grpo_eps = "sample", 1e-4
+    cfg.optim.micro_batch_size, cfg.optim.max_grad_norm = P * G // 2, 1e9
+    cfg.buffer.updates_per_round = k
+    mine = copy.deepcopy(model)
+    policy = LogProbModule(mine)
+    opt = torch.optim.AdamW(mine.parameters(), lr=1e-3, weight_decay=0.0)
+    for out, rewards in zip(batches, scored):
+        cmask = out["completion_mask"].bool()
+        samples = Samples(
+            prompt_ids=[ids[m].tolist() for ids, m in zip(out["prompt_ids"], out["prompt_mask"].bool())],
+            response_ids=[ids[m].tolist() for ids, m in zip(out["completion_ids"], cmask)],
+            truncated=[tok.eos_token_id not in ids[m].tolist() for ids, m in zip(out["completion_ids"], cmask)])
+        batch = collate(to_experiences(samples, rewards, samples_per_prompt=G, version=0, round=0, std_ddof=1),
+                        tok.pad_token_id)
+        old = old_logprobs(policy, batch, cfg, "cpu") if k > 1 else None
+        for _ in range(k):
+            update(policy, None, opt, batch, cfg, old_logp=old)
+
+    start = dict(model.named_parameters())
+    theirs, ours = dict(trainer.model.named_parameters()), dict(mine.named_parameters())
+    moved = torch.cat([(theirs[n] - start[n]).flatten() for n in start])
+    diff = torch.cat([(ours[n] - theirs[n]).flatten() for n in start])
+    assert moved.norm() > 1e-3  # the weights did move
+    assert diff.norm() / moved.norm() < 1e-3, f"weights differ from TRL's by {diff.norm() / moved.norm():.2e} of the step"
