@@ -198,7 +198,7 @@ class LossConfig:
     """GRPO: upper clip range (ratio <= 1 + clip_high), DAPO's clip-higher."""
     grpo_std: Literal["population", "sample"] = "population"
     """GRPO: the group std that divides the advantage, population (ddof 0, ours) or sample (ddof 1,
-    TRL's and DeepSeekMath's); with grpo_eps 1e-4 "sample" is TRL's advantage exactly (docs/benchmark.md)."""
+    TRL's and DeepSeekMath's); with grpo_eps 1e-4 "sample" is TRL's advantage exactly (docs/grpo.md)."""
     grpo_eps: float = 1e-6
     """GRPO: added to the group std before dividing (TRL: 1e-4)."""
     ref_reset_every: int = 0
