@@ -24,11 +24,11 @@ def _exp(uid: int, rnd: int = 0, std: float = 0.0, reward: float = 0.0) -> Exper
                       group_mean=0.0, group_std=std, version=0, round=rnd, truncated=False, uid=uid)
 
 
-def _freq(buf: ReplayBuffer, draws: int = 4000, now: int = 0) -> tuple[dict, dict]:
-    """Each uid's share of `draws` draws (batches of the buffer's size), and its importance weight."""
+def _freq(buf: ReplayBuffer, draws: int = 4000) -> tuple[dict, dict]:
+    """Each uid's share of `draws` draws (batches of the buffer's size), and its last importance weight."""
     rng, seen, weights = random.Random(0), Counter(), {}
     for _ in range(draws // len(buf)):
-        items, w = buf.draw(len(buf), rng, now)
+        items, w = buf.draw(len(buf), rng)
         for e, wi in zip(items, w):
             seen[e.uid] += 1
             weights[e.uid] = wi
@@ -49,11 +49,15 @@ def test_residual_priorities_set_the_draw_and_new_answers_come_first():
     buf.add([_exp(i) for i in range(4)])
     buf.update_priorities(torch.tensor([0, 1, 2, 3]), torch.tensor([0.0, 1.0, 2.0, 4.0]))
     p = [(d + 0.01) for d in (0.0, 1.0, 2.0, 4.0)]
-    seen, weights = _freq(buf)
+    seen, _ = _freq(buf)
     for uid in range(4):
         assert seen[uid] == pytest.approx(p[uid] / sum(p), abs=0.02)
-    # importance weights (N P(i))^-1 over their max: the rarest answer gets 1, the others P_min / P_i
-    assert weights[0] == pytest.approx(1.0) and weights[3] == pytest.approx(p[0] / p[3])
+    # importance weights (N P(i))^-1 over their expectation (1 at correction 1): exactly 1 / (N P(i))
+    items, w = buf.draw(4, random.Random(5))
+    for e, wi in zip(items, w):
+        assert wi == pytest.approx(sum(p) / (4 * p[e.uid]))
+    for (e1, w1), (e2, w2) in zip(zip(items, w), zip(items[1:], w[1:])):
+        assert w1 / w2 == pytest.approx(p[e2.uid] / p[e1.uid])
     # a new answer gets the largest priority seen
     buf.add([_exp(4)])
     assert buf.priorities()[-1] == pytest.approx(buf.priorities()[3])
@@ -66,23 +70,28 @@ def test_residual_priorities_set_the_draw_and_new_answers_come_first():
 
 
 def test_corrected_weights_give_the_uniform_expectation():
-    """With correction 1, E_P[w f] is the uniform mean of f (up to the weights' max): the draw is unbiased."""
-    buf = ReplayBuffer(8, "variance", alpha=1.0, correction=1.0)
-    stds = [0.0, 0.1, 0.3, 0.5]
-    buf.add([_exp(i, std=s) for i, s in enumerate(stds)])
-    f = {i: float(i + 1) ** 2 for i in range(4)}
-    rng = random.Random(1)
-    total = n = 0.0
-    for _ in range(3000):
-        items, w = buf.draw(8, rng)
-        total += sum(wi * f[e.uid] for e, wi in zip(items, w))
-        n += len(items)
-    p = torch.tensor(stds) + 0.01
-    w_max = (4 * p.min() / p.sum()) ** -1.0  # the rarest answer's weight before normalising
-    assert total / n == pytest.approx(sum(f.values()) / 4 / float(w_max), rel=0.03)
-    # uncorrected (0): weights 1, and the draw favours the groups that disagree
+    """With correction 1 the weighted batch mean of f estimates the uniform mean of f: the draw is unbiased;
+    with correction 0 it is the prioritised mean. The weights average 1 either way."""
+    stds = [0.0, 0.1, 0.3, 0.5] * 10
+    f = {i: float(i % 4 + 1) ** 2 for i in range(40)}  # larger where the group disagrees more
+    uniform = sum(f.values()) / 40
+    for c, expect_unbiased in ((1.0, True), (0.0, False)):
+        buf = ReplayBuffer(40, "variance", alpha=1.0, correction=c)
+        buf.add([_exp(i, std=s) for i, s in enumerate(stds)])
+        rng, estimates, weights = random.Random(1), [], []
+        for _ in range(400):
+            items, w = buf.draw(40, rng)
+            weights += w
+            estimates.append(sum(wi * f[e.uid] for e, wi in zip(items, w)) / len(items))
+        est = sum(estimates) / len(estimates)
+        assert sum(weights) / len(weights) == pytest.approx(1.0, rel=0.05)
+        if expect_unbiased:
+            assert est == pytest.approx(uniform, rel=0.03)
+        else:
+            assert est > 1.3 * uniform
+    # uncorrected: weights 1, and the draw favours the groups that disagree
     buf0 = ReplayBuffer(8, "variance", alpha=1.0, correction=0.0)
-    buf0.add([_exp(i, std=s) for i, s in enumerate(stds)])
+    buf0.add([_exp(i, std=s) for i, s in enumerate(stds[:4])])
     seen, weights = _freq(buf0)
     assert set(weights.values()) == {1.0} and seen[3] > 10 * seen.get(0, 0)
 
@@ -90,9 +99,17 @@ def test_corrected_weights_give_the_uniform_expectation():
 def test_recency_halves_the_draw_every_half_life():
     buf = ReplayBuffer(8, "recency", half_life=2.0, correction=0.0)
     buf.add([_exp(0, rnd=0), _exp(1, rnd=2), _exp(2, rnd=4)])
-    assert buf.priorities(now=4) == [0.25, 0.5, 1.0]
-    seen, _ = _freq(buf, 6000, now=4)
+    assert buf.priorities() == [0.25, 0.5, 1.0]  # ages counted from the newest answer
+    seen, _ = _freq(buf, 6000)
     assert seen[2] == pytest.approx(1 / 1.75, abs=0.02) and seen[0] == pytest.approx(0.25 / 1.75, abs=0.02)
+
+
+def test_recency_never_underflows():
+    buf = ReplayBuffer(8, "recency", half_life=0.01, correction=1.0)
+    buf.add([_exp(0, rnd=0), _exp(1, rnd=50)])  # 5,000 half-lives apart
+    assert min(buf.priorities()) > 0
+    items, w = buf.draw(2, random.Random(0))
+    assert all(x > 0 and x == x for x in w)
 
 
 def test_priorities_survive_a_checkpoint_round_trip():
@@ -157,6 +174,7 @@ def test_a_prioritised_run_trains_and_resumes_exactly(sampling, tiny_dir, tmp_pa
                           for r in rows]
     full = read_metrics(tmp_path / "full" / "metrics.jsonl")
     assert strip(full) == strip(read_metrics(tmp_path / "part" / "metrics.jsonl"))
-    replayed = [r for r in full if "buffer/is_weight_mean" in r and r["buffer/is_weight_mean"] < 1]
+    replayed = [r for r in full if "buffer/is_weight_min" in r and r["buffer/is_weight_min"] < 1]
     assert replayed, "no update drew a non-uniform, weighted batch"
+    assert all(0 < r["buffer/distinct_frac"] <= 1 for r in replayed)
     assert all("rows/abs_residual" not in r for r in full)  # the priorities are not logged as metrics

@@ -31,7 +31,8 @@ class ReplayBuffer:
                 answer's soft Bellman residual at its last use (a new answer gets the largest priority
                 seen, so it is drawn soon); `update_priorities` writes them back after each update;
       variance  P(i) ~ (std of its group's rewards + eps)^alpha: answers from groups that disagree;
-      recency   P(i) ~ 2^(-age_i / half_life), age in rounds: a replay ratio that falls with staleness.
+      recency   P(i) ~ 2^(-age_i / half_life), age in rounds behind the newest stored answer: a replay
+                ratio that falls with staleness.
     The non-uniform schemes draw with replacement, so P(i) is exact and each drawn answer gets the
     importance weight w_i = (N P(i))^-correction / max_j (N P(j))^-correction (<= 1), which the loss
     multiplies its squared residual by: correction 1 removes the sampling bias, 0 keeps it.
@@ -67,8 +68,8 @@ class ReplayBuffer:
             raise ValueError("cannot sample from an empty replay buffer")
         return rng.sample(list(self._items), min(n, len(self._items)))
 
-    def priorities(self, now: int = 0) -> list[float]:
-        """The unnormalised sampling weight of every stored answer (oldest first); `now`: the current round."""
+    def priorities(self) -> list[float]:
+        """The unnormalised sampling weight of every stored answer (oldest first)."""
         items = list(self._items)
         if self.sampling == "residual":
             top = max(self._residual.values(), default=1.0)
@@ -76,22 +77,24 @@ class ReplayBuffer:
         if self.sampling == "variance":
             return [(e.group_std + self.eps) ** self.alpha for e in items]
         if self.sampling == "recency":
-            return [2.0 ** (-max(now - e.round, 0) / self.half_life) for e in items]
+            # relative to the newest answer, and at most 2^-60 below it (no underflow to 0)
+            newest = max(e.round for e in items)
+            return [2.0 ** -min((newest - e.round) / self.half_life, 60.0) for e in items]
         return [1.0] * len(items)
 
-    def draw(self, n: int, rng: random.Random, now: int = 0) -> tuple[list[Experience], list[float]]:
+    def draw(self, n: int, rng: random.Random) -> tuple[list[Experience], list[float]]:
         """`n` trajectories by the buffer's sampling scheme and their importance weights (all 1 for uniform)."""
         if self.sampling == "uniform":
             picked = self.sample(n, rng)
             return picked, [1.0] * len(picked)
         if not self._items:
             raise ValueError("cannot sample from an empty replay buffer")
-        items, p = list(self._items), self.priorities(now)
+        items, p = list(self._items), self.priorities()
         total, N = sum(p), len(items)
         idx = rng.choices(range(N), weights=p, k=min(n, N))
-        # w_i = (N P(i))^-c, normalised by the largest over the buffer (the least likely answer's)
-        worst = (N * min(p) / total) ** -self.correction
-        return [items[i] for i in idx], [(N * p[i] / total) ** -self.correction / worst for i in idx]
+        # w_i = (N P(i))^-c over its expectation under the draw, sum_j P(j) (N P(j))^-c: weights average 1
+        expected = sum(q / total * (N * q / total) ** -self.correction for q in p)
+        return [items[i] for i in idx], [(N * p[i] / total) ** -self.correction / expected for i in idx]
 
     def update_priorities(self, uids: torch.Tensor, abs_residual: torch.Tensor) -> None:
         """Record each answer's |delta| from the update that just used it (sampling "residual")."""
@@ -128,7 +131,7 @@ class ReplayBuffer:
         n = len(state["reward"])
         fields = ("prompt_lengths", "response_lengths", "truncated", *ReplayBuffer._INT_FIELDS,
                   *ReplayBuffer._FLOAT_FIELDS)
-        if any(len(state[f]) != n for f in fields) or \
+        if any(len(state[f]) != n for f in fields) or ("residual" in state and len(state["residual"]) != n) or \
                 int(state["prompt_lengths"].sum()) != len(state["prompt_ids"]) or \
                 int(state["response_lengths"].sum()) != len(state["response_ids"]):
             raise ValueError("its fields have different lengths")

@@ -179,10 +179,10 @@ class BufferConfig:
     priority_alpha: float = 0.6
     """residual, variance: P(i) ~ (priority + 0.01)^alpha; 0 is uniform (with replacement)."""
     priority_correction: float = 0.4
-    """Non-uniform sampling: exponent c of the importance weight (N P(i))^-c on each squared residual;
-    1 removes the sampling bias, 0 keeps it (PER's beta)."""
+    """Non-uniform sampling: exponent c of the importance weight (N P(i))^-c on each squared residual
+    (over its expectation, so weights average 1); 1 removes the sampling bias, 0 keeps it (PER's beta)."""
     half_life: float = 5.0
-    """recency: rounds after which an answer is drawn half as often."""
+    """recency: rounds behind the newest stored answer after which an answer is drawn half as often."""
 
 
 @dataclass

@@ -16,6 +16,8 @@ What changes with N processes (nothing changes with one):
   global FIFO buffer of capacity M. An update samples B / N trajectories uniformly from
   each shard: a stratified version of the global uniform sample (each shard contributes
   exactly its share), with no communication and no trajectory ever crossing ranks.
+  A prioritised or age-decayed draw (`buffer.sampling`) is likewise per shard: each rank's
+  probabilities and importance weights are its own shard's.
 - **Gradients.** Each rank's loss is its local mean (trajectories, or tokens for GRPO);
   DDP / FSDP / ZeRO average gradients over ranks, which equals the global trajectory
   mean because every rank holds the same number of trajectories. For GRPO's token mean

@@ -8,8 +8,9 @@ One round (blocks below come in the same order as the package's files):
   2. rollout   sample G answers per prompt with the current policy (KV cache)
   3. rewards   score each answer; group statistics while the group is together
   4. buffer    add the round's trajectories to the FIFO replay buffer
-  5. updates   K optimizer updates; the first on the fresh batch, the others on a uniform
-               sample of the buffer (on-policy GRPO and TBRM reuse the fresh batch instead).
+  5. updates   K optimizer updates; the first on the fresh batch, the others on a sample of
+               the buffer, uniform or by `buffer.sampling` (on-policy GRPO and TBRM reuse the
+               fresh batch instead).
                The policy's log-probs and V are recomputed at every update; the reference's
                are cached per answer until a reset makes them stale (`RefCache`).
   6. reference copy the policy into the reference every `ref_reset_every` rounds (or updates)

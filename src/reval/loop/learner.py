@@ -40,7 +40,9 @@ def update(policy, reference, optimizer, batch: Batch, cfg: TrainConfig,
     `ref_version`, else from a reference pass that runs before the policy's forward, so
     the two graphs are never alive at once. Returns metrics, with `perf/skipped` = 1 if the
     step was skipped because the loss or gradient was not finite, or undone because it made
-    a weight non-finite (on any rank; the weights and optimizer state are restored).
+    a weight non-finite (on any rank; the weights and optimizer state are restored). For the
+    residual losses it also holds `rows/abs_residual`, the (B,) abs(delta) of each trajectory
+    (a tensor, not a metric: the learner pops it for prioritised replay).
     """
     algo = ALGORITHMS[cfg.algo]
     device = accelerator.device if accelerator is not None else batch.response_ids.device
@@ -243,11 +245,14 @@ class Learner:
             if not self.algo.replay or (k == 0 and cfg.buffer.first_update_fresh):
                 batch = fresh_batch
             elif len(self.buffer):
-                items, weights = self.buffer.draw(self.batch_rows, self.rng, rollout.round)
+                items, weights = self.buffer.draw(self.batch_rows, self.rng)
                 batch = collate(items, self.pad_id, weights)
             else:
                 batch = None
             m = self.step(batch, old_logp, sampler_logp, rollout.round, track_staleness=not offline_data)
+            if m is not None and batch is not fresh_batch and self.buffer.sampling != "uniform":
+                m["buffer/is_weight_min"] = batch.weight.min().item()  # the weights average 1 in expectation
+                m["buffer/distinct_frac"] = len(set(batch.uid.tolist())) / len(batch)  # drawn with replacement
             if m is not None:
                 upd_metrics.append(m)
         # the reference reset, per round (the paper's unit; per update: in `step`)
@@ -269,9 +274,6 @@ class Learner:
         residual = m.pop(ROW_RESIDUAL, None)
         if residual is not None:
             self.buffer.update_priorities(batch.uid, residual)
-        if self.buffer.sampling != "uniform":
-            m["buffer/is_weight_mean"] = batch.weight.mean().item()
-            m["buffer/distinct_frac"] = len(set(batch.uid.tolist())) / len(batch)
         self.streaks["bad_updates"] = bad = self.streaks["bad_updates"] + 1 if m["perf/skipped"] else 0
         if bad >= cfg.optim.max_bad_updates:
             last = latest_checkpoint(self.run_dir)

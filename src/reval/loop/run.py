@@ -459,8 +459,9 @@ def round_record(counters: dict, rollout: Rollout, upd_metrics: list[dict], t_up
                     "rollout/groups_all_same": _groups_all_same(fresh),
                     "rollout/sampler_lag": rollout.sampler_lag,
                     "buffer/size": buffer_size, "q/ref_version": counters["ref_version"]})
-    for key in (upd_metrics[0] if upd_metrics else {}):  # mean over the K updates
-        rec[key] = sum(m[key] for m in upd_metrics) / len(upd_metrics)
+    for key in dict.fromkeys(k for m in upd_metrics for k in m):  # mean over the K updates that have it
+        values = [m[key] for m in upd_metrics if key in m]  # (replay-only metrics: the replay updates)
+        rec[key] = sum(values) / len(values)
     if upd_metrics and samples is not None:
         rec["buffer/staleness_max"] = max(m["buffer/staleness_max"] for m in upd_metrics)
     return rec
