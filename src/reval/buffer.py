@@ -121,7 +121,9 @@ class ReplayBuffer:
                 **{f: torch.tensor([getattr(e, f) for e in items], dtype=torch.float64)
                    for f in self._FLOAT_FIELDS},
                 # |delta| at last use (NaN: not used yet), for sampling "residual"
-                "residual": torch.tensor([self._residual.get(e.uid, math.nan) for e in items], dtype=torch.float64)}
+                "residual": torch.tensor([self._residual.get(e.uid, math.nan) for e in items], dtype=torch.float64),
+                # latent codes, one per response token (empty when the tokens are the actions)
+                "action_ids": ids("action_ids")}
 
     @staticmethod
     def stored_size(state: dict) -> int:
@@ -131,6 +133,8 @@ class ReplayBuffer:
         n = len(state["reward"])
         fields = ("prompt_lengths", "response_lengths", "truncated", *ReplayBuffer._INT_FIELDS,
                   *ReplayBuffer._FLOAT_FIELDS)
+        if "action_ids" in state and len(state["action_ids"]) not in (0, len(state["response_ids"])):
+            raise ValueError("its latent codes (action_ids) do not match its answers' tokens")
         if any(len(state[f]) != n for f in fields) or ("residual" in state and len(state["residual"]) != n) or \
                 int(state["prompt_lengths"].sum()) != len(state["prompt_ids"]) or \
                 int(state["response_lengths"].sum()) != len(state["response_ids"]):
@@ -148,8 +152,11 @@ class ReplayBuffer:
             prompts = torch.split(state["prompt_ids"], state["prompt_lengths"].tolist())
             responses = torch.split(state["response_ids"], state["response_lengths"].tolist())
             cols = {f: state[f].tolist() for f in ("truncated", *self._INT_FIELDS, *self._FLOAT_FIELDS)}
+            codes = state.get("action_ids", torch.zeros(0, dtype=torch.long))
+            actions = torch.split(codes, state["response_lengths"].tolist()) if len(codes) else [()] * len(prompts)
             items = [{"prompt_ids": tuple(p.tolist()), "response_ids": tuple(r.tolist()),
-                      **{f: v[i] for f, v in cols.items()}} for i, (p, r) in enumerate(zip(prompts, responses))]
+                      "action_ids": tuple(a.tolist()) if len(a) else (), **{f: v[i] for f, v in cols.items()}}
+                     for i, (p, r, a) in enumerate(zip(prompts, responses, actions))]
         self._items = deque((Experience(**d) for d in items), maxlen=self.capacity)
         residual = state["residual"].tolist() if "residual" in state else []  # older checkpoints: none
         self._residual = {e.uid: d for e, d in zip(self._items, residual) if not math.isnan(d)}
@@ -178,6 +185,8 @@ class Batch:
     truncated: torch.Tensor  # (B,) bool
     uid: torch.Tensor  # (B,) trajectory id (-1: none), the key of the reference cache
     weight: torch.Tensor = field(default=None)  # (B,) importance weight of prioritised replay (1: none)
+    # (B, H) the latent codes played (`reval.latent`): the actions the log-probs are of; None: the tokens
+    action_ids: torch.Tensor | None = None
 
     def __post_init__(self):
         if self.weight is None:
@@ -197,11 +206,11 @@ class Batch:
         return self.prompt_ids[u][self.prompt_mask[u].bool()].tolist()
 
     def to(self, device) -> "Batch":
-        return Batch(**{k: v.to(device) for k, v in vars(self).items()})
+        return Batch(**{k: v if v is None else v.to(device) for k, v in vars(self).items()})
 
     def slice(self, start: int, stop: int) -> "Batch":
         """Rows start:stop with only their prompts, trimmed to their longest prompt and answer."""
-        rows = {k: v[start:stop] for k, v in vars(self).items()
+        rows = {k: v if v is None else v[start:stop] for k, v in vars(self).items()
                 if k not in ("prompt_ids", "prompt_mask", "prompt_index")}
         used, index = torch.unique(self.prompt_index[start:stop], return_inverse=True)  # sorted
         mask = self.prompt_mask[used]
@@ -209,7 +218,8 @@ class Batch:
         H = max(int(rows["response_mask"].sum(1).max()), 1)
         return Batch(prompt_ids=self.prompt_ids[used, -P:], prompt_mask=mask[:, -P:], prompt_index=index,
                      response_ids=rows.pop("response_ids")[:, :H], response_mask=rows.pop("response_mask")[:, :H],
-                     **rows)
+                     action_ids=None if rows["action_ids"] is None else rows.pop("action_ids")[:, :H],
+                     **{k: v for k, v in rows.items() if k != "action_ids"})
 
 
 def collate(experiences: list[Experience], pad_id: int, weights: list[float] | None = None) -> Batch:
@@ -239,8 +249,16 @@ def collate(experiences: list[Experience], pad_id: int, weights: list[float] | N
     for i, e in enumerate(rows):
         response_ids[i, : len(e.response_ids)] = torch.tensor(e.response_ids, dtype=torch.long)
         response_mask[i, : len(e.response_ids)] = 1.0
+    actions = None
+    if any(e.action_ids for e in rows):  # latent codes, one per response token
+        if any(len(e.action_ids) != len(e.response_ids) for e in rows):
+            raise ValueError("every answer of a latent-action batch needs one code per token (action_ids)")
+        actions = torch.zeros((B, H), dtype=torch.long)
+        for i, e in enumerate(rows):
+            actions[i, : len(e.action_ids)] = torch.tensor(e.action_ids, dtype=torch.long)
     col = lambda name, dtype=torch.float32: torch.tensor([getattr(e, name) for e in rows], dtype=dtype)  # noqa: E731
     return Batch(prompt_ids, prompt_mask, torch.tensor([prompts[e.prompt_ids] for e in rows]), response_ids,
                  response_mask, col("reward"), col("group_mean"), col("group_std"), col("version", torch.long),
                  col("truncated", torch.bool), col("uid", torch.long),
-                 torch.tensor([weights[i] for i in order] if weights is not None else [1.0] * B, dtype=torch.float32))
+                 torch.tensor([weights[i] for i in order] if weights is not None else [1.0] * B, dtype=torch.float32),
+                 actions)

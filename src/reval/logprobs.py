@@ -241,7 +241,8 @@ def sequence_logprobs(model, batch: Batch, chunk_size: int | None = None, shared
     """
     decoder, head = model.get_decoder(), model.get_output_embeddings()
     hidden = (_shared_prefix_hidden if shared_prefix else _concatenated_hidden)(decoder, batch)
-    targets = batch.response_ids  # (B, H)
+    # (B, H) the actions: the tokens, or the latent codes played (the policy's head scores the codes)
+    targets = batch.response_ids if batch.action_ids is None else batch.action_ids
     if chunk_size and fused and _fusable(head, hidden):
         logp, lse = fused_logprobs(hidden, head.weight, head.bias, targets, chunk_size)  # (B, H) each
     else:

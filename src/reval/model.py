@@ -107,6 +107,13 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, *,
                                  trust_remote_code=trust_remote_code)
     if p.is_dir():
         _check_model_dir(p, tokenizer=tokenizer_path is None)
+    if p.is_dir() and (p / "latent.json").is_file():  # a latent-action model (reval.latent): policy + world model
+        from reval.latent import load_latent
+
+        model = load_latent(p, dtype)
+        tokenizer = load_tokenizer(tokenizer_path or path, trust_remote_code=trust_remote_code)
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        return model, tokenizer
     try:
         tokenizer = load_tokenizer(tokenizer_path or path, trust_remote_code=trust_remote_code)
         kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}

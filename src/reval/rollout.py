@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from reval.latent import generate_latent, is_latent
 from reval.model import cache_argument
 
 
@@ -38,6 +39,8 @@ class Experience:
     round: int  # generation round that produced it
     truncated: bool  # hit max_new_tokens without EOS
     uid: int = -1  # unique within a run (-1: none); keys the reference cache
+    # the latent codes played, one per response token (`reval.latent`); empty: the tokens are the actions
+    action_ids: tuple[int, ...] = ()
 
 
 @dataclass
@@ -48,6 +51,7 @@ class Samples:
     response_ids: list[list[int]]  # (N,) cut after the first EOS
     truncated: list[bool]  # (N,)
     logprobs: list[list[float]] | None = None  # (N, H) sampler log-probs, only if asked
+    actions: list[list[int]] | None = None  # (N, H) latent codes played (`reval.latent`), else None
 
 
 @torch.no_grad()
@@ -64,6 +68,10 @@ def generate(model, tokenizer, prompts: list[str], *, samples_per_prompt: int = 
     answers, instead of prefilling it G times (`num_return_sequences`). The samples are the
     same for the same seed (the answers of a prompt are adjacent either way).
     """
+    if is_latent(model):  # a code from the policy, then the world model's token, step by step
+        return generate_latent(model, tokenizer, prompts, samples_per_prompt=samples_per_prompt,
+                               temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, greedy=greedy,
+                               return_logprobs=return_logprobs, eos_token_ids=eos_token_ids)
     eos = set(eos_token_ids or [tokenizer.eos_token_id])
     was_training = model.training
     model.eval()
@@ -186,5 +194,6 @@ def to_experiences(samples: Samples, rewards: list[float | None], *, samples_per
                 reward=float(rewards[i]), group_id=first_group_id + g, group_mean=mean,
                 group_std=std, version=version, round=round, truncated=samples.truncated[i],
                 uid=first_uid + i if first_uid >= 0 else -1,
+                action_ids=tuple(samples.actions[i]) if samples.actions is not None else (),
             ))
     return out

@@ -49,6 +49,7 @@ def load_policy(cfg: TrainConfig, ckpt: Path | None, start_path):
     if not ckpt and (Path(start_path) / "qadapter.json").is_file():
         raise ValueError(f"{start_path} is a Q-Adapter (base model + qadapter.json): train from its base "
                          "model instead (a directory without qadapter.json / qadapter.safetensors)")
+    check_latent(cfg, ckpt / "model" if ckpt else start_path)
     if cfg.model.lora_rank == 0:
         model, tokenizer = load_for_training(cfg, ckpt / "model" if ckpt else start_path)
         if cfg.algo == "qadapter":  # the base is frozen; only the residual-Q head learns
@@ -72,6 +73,25 @@ def load_policy(cfg: TrainConfig, ckpt: Path | None, start_path):
     if cfg.model.gradient_checkpointing:
         model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need grads
     return model, tokenizer
+
+
+def check_latent(cfg: TrainConfig, path, processes: int = 1) -> None:
+    """A latent-action model (`reval.latent`) trains its policy over codes with the RL algorithms that
+    sample answers, on one process with HF sampling; anything else is refused here, by name."""
+    if not (Path(path) / "latent.json").is_file():
+        return
+    from reval.losses import ALGORITHMS
+
+    refused = [what for what, bad in (
+        (f"--algo {cfg.algo} (it learns from {ALGORITHMS[cfg.algo].data}, which carry no latent codes; use "
+         "reval, tbrm, tbrm_replay or grpo)", ALGORITHMS[cfg.algo].data != "rollout" or cfg.algo == "qadapter"),
+        ("--model.lora-rank (the policy is small: train it whole)", cfg.model.lora_rank > 0),
+        (f"--rollout.backend {cfg.rollout.backend} (vLLM cannot play codes; use hf)", cfg.rollout.backend != "hf"),
+        ("--model.gradient-checkpointing", cfg.model.gradient_checkpointing),
+        (f"{processes} processes (it trains on one)", processes > 1)) if bad]
+    if refused:
+        raise ValueError(f"{path} is a latent-action model (latent.json), which does not support "
+                         + "; ".join(refused))
 
 
 def make_reference(cfg: TrainConfig, model, ckpt: Path | None, start_path, accelerator) -> Reference:

@@ -202,6 +202,7 @@ class Run:
         """Policy, reference, optimizer, the wrapper (DDP / FSDP / DeepSpeed), buffer, caches, RNGs."""
         cfg, accelerator = self.cfg, self.accelerator
         torch.manual_seed(cfg.seed)
+        build.check_latent(cfg, ckpt / "model" if ckpt else start_path, accelerator.num_processes)
         model, self.tokenizer = build.load_policy(cfg, ckpt, start_path)
         reference = build.make_reference(cfg, model, ckpt, start_path, accelerator) \
             if self.algo.needs_reference else None
