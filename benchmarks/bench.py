@@ -173,6 +173,7 @@ class RunSpec:
     eval_every: int = 1  # evaluate every N rounds (and after the last)
     overrides: dict = field(default_factory=dict)  # further config fields ("loss.beta": 0.02)
     label: str = ""  # the variant's name in a study (default: the method's)
+    measures: tuple[str, ...] = ()  # measured on the final model (`final_measures`): "diversity", "held_add"
 
 
 def run_child(spec: RunSpec) -> None:
@@ -206,7 +207,10 @@ def run_ours(spec: RunSpec) -> dict:
         tc.eval.samples = 64
         kwargs = {"problems": [problem], "eval_problems": [problem],
                   "should_stop": lambda rec: rec["eval/mean@64"] >= spec.stop_at}
+    if spec.measures:  # the final model is read back from its checkpoint
+        tc.checkpoint_every = spec.rounds
     train(tc, **kwargs)
+    measured = final_measures(spec.run_dir, spec.measures, spec.task, spec.split) if spec.measures else {}
     records = read_metrics(Path(spec.run_dir) / "metrics.jsonl")
     score = "eval/mean@64" if spec.problem is not None else "eval/accuracy"
     curve = [{"round": r["round"], "samples": r["samples"], "seconds": round(r["seconds"], 3),
@@ -214,7 +218,32 @@ def run_ours(spec: RunSpec) -> dict:
     rounds = [r for r in records if "perf/generate_seconds" in r]
     shutil.rmtree(Path(spec.run_dir) / "checkpoints", ignore_errors=True)  # keep only the metrics
     return {"curve": curve, "generate_seconds": sum(r["perf/generate_seconds"] for r in rounds),
-            "update_seconds": sum(r["perf/update_seconds"] for r in rounds)}
+            "update_seconds": sum(r["perf/update_seconds"] for r in rounds), **measured}
+
+
+def final_measures(run_dir, names, task: str, split: str, problems: int = 50, samples: int = 8) -> dict:
+    """Measures of a run's final model. diversity: distinct answers among `samples` sampled (temperature 1)
+    per problem, mean over `problems` of the evaluation split; held_add: greedy accuracy on 100 `add`
+    validation problems (a capability the RL task does not train)."""
+    import torch
+
+    from reval.evaluate import evaluate
+    from reval.rollout import generate
+
+    model, tok = load_model(run_dir)
+    torch.manual_seed(0)
+    out = {}
+    if "diversity" in names:
+        probs = TASKS[task].split(split, problems, seed=EVAL_SEED)
+        s = generate(model, tok, [format_prompt(tok, p.question) for p in probs], samples_per_prompt=samples,
+                     max_new_tokens=TASKS[task].max_new_tokens)
+        out["diversity"] = mean(len({tuple(r) for r in s.response_ids[i * samples:(i + 1) * samples]})
+                                for i in range(len(probs)))
+    if "held_add" in names:
+        probs = TASKS["add"].split("validation", 100, seed=EVAL_SEED)
+        out["held_add"] = evaluate(model, tok, [p.question for p in probs], [p.answer for p in probs], samples=0,
+                                   max_new_tokens=TASKS["add"].max_new_tokens)["accuracy"]
+    return out
 
 
 def run_trl(spec: RunSpec) -> dict:
@@ -332,7 +361,8 @@ def launch(specs: list[RunSpec], workers: int = 1, fresh: bool = False) -> list[
 
 def make_spec(out: Path, study: str, method: str, seed: int, lr: float, k: int, rounds: int, split_name: str,
               num_eval: int, task: str, problem: Problem | None = None, samples_per_prompt: int = 8,
-              overrides: dict | None = None, label: str | None = None, eval_every: int = 1) -> RunSpec:
+              overrides: dict | None = None, label: str | None = None, eval_every: int = 1,
+              measures: tuple[str, ...] = ()) -> RunSpec:
     if problem is None:
         impl, algo = METHODS[method].impl, algo_of(method, k)
     else:
@@ -345,7 +375,7 @@ def make_spec(out: Path, study: str, method: str, seed: int, lr: float, k: int, 
                    prompts_per_round=P, samples_per_prompt=16 if problem is not None else samples_per_prompt,
                    problem=None if problem is None else asdict(problem),
                    stop_at=None if problem is None else 0.95, overrides=overrides or {}, label=label or method,
-                   eval_every=eval_every)
+                   eval_every=eval_every, measures=tuple(measures))
 
 
 # -- one-prompt problems ----------------------------------------------------------------------

@@ -165,3 +165,45 @@ def test_replay_grid_stages_build_on_each_other(monkeypatch, tmp_path):
     assert stages["B"]["grpo"]["G"] == 4 and stages["D"]["grpo"]["G"] == 8  # won seed 0, not the 3-seed mean
     assert all(s.split == "validation" for s in calls)
     assert json.loads((tmp_path / "grid.json").read_text())["stages"]["D"] == stages["D"]
+
+
+# -- the latent-action study (benchmarks/latent_study.py), with scores made up ------------------------
+
+def test_latent_study_tunes_each_space_alike_and_runs_the_winners_with_their_measures(monkeypatch, tmp_path):
+    spec = importlib.util.spec_from_file_location("latent_study", Path(__file__).parents[1] / "benchmarks"
+                                                  / "latent_study.py")
+    ls = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ls)
+    calls = []
+    best = {"token_reval": 3e-4, "latent_reval": 1e-3, "token_grpo": 1e-4, "latent_grpo": 3e-4}
+
+    def fake_launch(specs, workers, fresh):
+        calls.extend(specs)
+        out = []
+        for s in specs:
+            acc = 0.5 - abs(s.lr - best[s.label]) + 0.01 * s.seed
+            res = {"curve": [{"accuracy": 0.3, "samples": 0, "seconds": 0.0},
+                             {"accuracy": acc, "samples": 3072, "seconds": 600.0}],
+                   "spec": {"label": s.label, "lr": s.lr, "k": s.k, "seed": s.seed}, "diversity": 2.0 + s.seed,
+                   "held_add": 0.0}
+            Path(s.result).parent.mkdir(parents=True, exist_ok=True)
+            Path(s.result).write_text(json.dumps(res))
+            out.append(res)
+        return out
+
+    monkeypatch.setattr(ls, "launch", fake_launch)
+    winners = ls.tune(tmp_path, 2, False, False)
+    assert len(calls) == 2 * 2 * 3 and {s.split for s in calls} == {"validation"}
+    assert {k: w["lr"] for k, w in winners.items()} == best
+    latent = [s for s in calls if s.label.startswith("latent")]
+    assert all(s.overrides == {"model.path": str(ls.latent_dir(tmp_path))} for s in latent)
+    assert all(not s.overrides for s in calls if s.label.startswith("token"))
+    assert {(s.label, s.k) for s in calls} >= {("latent_reval", 8), ("token_grpo", 2)}
+    calls.clear()
+    ls.run(tmp_path, 2, False, False)
+    assert len(calls) == 4 * 3 and {s.split for s in calls} == {"test"}
+    assert all(s.lr == best[s.label] and set(s.measures) == {"diversity", "held_add"} for s in calls)
+    summary = ls.report(tmp_path)
+    seeds = summary["methods"]["latent_reval"]["per_seed"]
+    assert set(seeds) == {"0", "1", "2"} and seeds["2"]["diversity"] == 4.0
+    assert seeds["0"]["accuracy_per_1k_answers"] == round(1000 * 0.2 / 3072, 4)

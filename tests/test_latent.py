@@ -153,6 +153,12 @@ def test_latent_rl_trains_the_policy_and_resumes_exactly(algo, latent_dir, tmp_p
     a, b = start.state_dict(), trained.state_dict()
     moved = {k for k in a if not torch.equal(a[k], b[k])}
     assert moved and all(k.startswith("policy.") for k in moved)  # the world model stayed frozen
+    from reval.loop.build import check_latent
+
+    cfg = _cfg(tmp_path / "full", tmp_path / "next", 1)  # a run directory as the model: its newest checkpoint
+    cfg.model.lora_rank = 4
+    with pytest.raises(ValueError, match="latent-action model .*lora-rank"):
+        check_latent(cfg, tmp_path / "full")
 
 
 @pytest.mark.parametrize("change, match", [
@@ -174,6 +180,8 @@ def test_what_a_latent_model_cannot_do_is_refused_by_name(change, match, latent_
 
 
 def test_the_run_refuses_before_it_starts(latent_dir, tmp_path):
+    with pytest.raises(ValueError, match="is a latent-action model"):
+        pretrain(PretrainConfig(task="add", model=str(latent_dir), steps=1, eval_problems=2, out=tmp_path / "p"))
     cfg = _cfg(latent_dir, tmp_path / "x", 1)
     cfg.model.lora_rank = 4
     with pytest.raises(ValueError, match="latent-action model .*lora-rank"):
@@ -183,7 +191,7 @@ def test_the_run_refuses_before_it_starts(latent_dir, tmp_path):
 
 def test_pretrain_options_are_checked_and_dirty_rows_are_noise():
     for bad in (dict(latent_codes=1), dict(corrupt=1.0), dict(latent_codes=8, loss="iq"),
-                dict(latent_codes=8, latent_from="fresh", model="x")):
+                dict(latent_codes=8, latent_from="fresh", model="x"), dict(corrupt=0.2, data="rows.jsonl")):
         with pytest.raises(ValueError):
             PretrainConfig(**bad).resolved()
     resolved = PretrainConfig(task="mul", latent_codes=64).resolved()

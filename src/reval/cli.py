@@ -269,6 +269,11 @@ def _eval(argv: list[str]) -> None:
         if is_qadapter(model):  # vLLM would load the base weights alone and score the base model
             raise ValueError(f"--backend vllm cannot run a Q-Adapter's residual-Q head ({model_path}/qadapter.json); "
                              "evaluate it with --backend hf")
+        from reval.latent import is_latent
+
+        if is_latent(model):  # vLLM would sample tokens from the world model's LM, with no codes
+            raise ValueError(f"--backend vllm cannot play a latent-action model's codes ({model_path}); evaluate "
+                             "it with --backend hf")
 
         # load_model may have read another directory (a run's newest checkpoint, a LoRA adapter's
         # base): vLLM starts from that one and is given the weights evaluated (a merged adapter)

@@ -196,7 +196,7 @@ def load_latent(directory, dtype: torch.dtype = torch.float32) -> LatentActionMo
     except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as e:
         raise OSError(f"{directory}: the latent-action model ({CONFIG}, {WEIGHTS}) is unreadable "
                       f"({type(e).__name__}: {e}); build it again with reval pretrain --latent-codes") from None
-    return model.freeze_world()
+    return model.freeze_world().eval()
 
 
 def _top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:

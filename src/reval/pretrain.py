@@ -52,7 +52,7 @@ from reval import offline
 from reval.buffer import collate
 from reval.config import LossConfig
 from reval.evaluate import evaluate
-from reval.latent import build_latent, code_policy, policy_loss, reconstruction, world_loss
+from reval.latent import build_latent, code_policy, is_latent, policy_loss, reconstruction, world_loss
 from reval.logprobs import sequence_logprobs
 from reval.losses import ALGORITHMS
 from reval.model import (auto_prompt, build_char_tokenizer, build_tiny_model, load_model,
@@ -64,7 +64,7 @@ RECIPES: dict[str, dict] = {
     "add": {"steps": 1500, "hidden": 128, "layers": 4},
     "mul": {"steps": 1500, "hidden": 128, "layers": 4},
 }
-LATENT_STEPS = 600  # each stage of a latent-action model from a warm start (world model, then policy)
+LATENT_STEPS = 300  # each stage of a latent-action model from a warm start (world model, then policy)
 
 
 @dataclass
@@ -134,8 +134,12 @@ class PretrainConfig:
                              f"and {self.gamma}")
         if self.latent_codes < 0 or self.latent_codes == 1:
             raise ValueError(f"--latent-codes must be 0 (a plain LM) or >= 2, got {self.latent_codes}")
+        if any(n is not None and n < 0 for n in (self.steps, self.policy_steps)):
+            raise ValueError(f"--steps and --policy-steps must be >= 0, got {self.steps} and {self.policy_steps}")
         if not 0 <= self.corrupt < 1:
             raise ValueError(f"--corrupt is a share of the training answers in [0, 1), got {self.corrupt}")
+        if self.corrupt and self.data is not None:
+            raise ValueError("--corrupt corrupts the task's worked solutions; with --data, corrupt your rows yourself")
         if self.latent_codes and (self.loss != "mle" or self.data is not None):
             raise ValueError("--latent-codes builds a latent-action model from the task's solutions "
                              "(--loss mle, no --data)")
@@ -147,7 +151,8 @@ class PretrainConfig:
             return dataclasses.replace(
                 self, out=self.out or Path(f"runs/latent-{self.task}"),
                 model=None if fresh else self.model or str(warmstart_path(self.task)),
-                steps=self.steps or LATENT_STEPS, policy_steps=self.policy_steps or self.steps or LATENT_STEPS,
+                steps=LATENT_STEPS if self.steps is None else self.steps,
+                policy_steps=next(n for n in (self.policy_steps, self.steps, LATENT_STEPS) if n is not None),
                 hidden=(self.hidden or recipe["hidden"]) if fresh else None,
                 layers=(self.layers or recipe["layers"]) if fresh else None)
         out = self.out or Path(f"runs/pretrain-{Path(self.data).stem}" if self.data else f"runs/warmstart-{self.task}")
@@ -168,6 +173,9 @@ def pretrain(cfg: PretrainConfig) -> dict:
         model = build_tiny_model(len(tokenizer), hidden=cfg.hidden, layers=cfg.layers, seed=cfg.seed)
     else:
         model, tokenizer = load_model(cfg.model)
+        if is_latent(model):
+            raise ValueError(f"--model {cfg.model} is a latent-action model (latent.json); pretrain from a plain "
+                             "language model (for a latent one: its world model's warm start)")
     # prompts exactly as `reval train` / `reval eval` format them for this model and data
     chat = use_chat_template(tokenizer, "auto")
     template = resolve_template(auto_prompt(chat, embedded=cfg.data is None))
@@ -247,6 +255,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
 
 def _optimise(model, params: list, cfg: PretrainConfig, steps: int, step_loss, desc: str):
     """`steps` AdamW steps on `step_loss(step) -> (loss, metrics)`: linear warm-up, cosine decay, clipping."""
+    loss, metrics = torch.tensor(float("nan")), {}  # what a run of 0 steps reports
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01, betas=(0.9, 0.98))
     warmup = max(steps // 20, 1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warmup, 0.5 * (

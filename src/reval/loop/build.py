@@ -10,7 +10,8 @@ import torch
 from reval import offline
 from reval.config import TrainConfig
 from reval.distributed import whole_models
-from reval.model import add_lora, load_model, no_peft_deprecation_warning
+from reval.checkpoint import latest_checkpoint
+from reval.model import _is_run_dir, add_lora, load_model, no_peft_deprecation_warning
 from reval.qhead import attach_qadapter
 from reval.reference import Reference
 from reval.rollout import HFGenerator
@@ -78,7 +79,11 @@ def load_policy(cfg: TrainConfig, ckpt: Path | None, start_path):
 def check_latent(cfg: TrainConfig, path, processes: int = 1) -> None:
     """A latent-action model (`reval.latent`) trains its policy over codes with the RL algorithms that
     sample answers, on one process with HF sampling; anything else is refused here, by name."""
-    if not (Path(path) / "latent.json").is_file():
+    path = Path(path)
+    if _is_run_dir(path):  # load_model reads a run directory's newest checkpoint: check that one
+        ckpt = latest_checkpoint(path)
+        path = ckpt / "model" if ckpt is not None else path
+    if not (path / "latent.json").is_file():
         return
     from reval.losses import ALGORITHMS
 

@@ -1,0 +1,176 @@
+"""Study: RL over latent actions (BWArea / CoLA, docs/latent.md) against RL over tokens, on `mul`.
+
+    python benchmarks/latent_study.py build     # the latent-action model from the shipped warm start
+    python benchmarks/latent_study.py tune      # lr per method and action space, validation, seed 0
+    python benchmarks/latent_study.py run       # the winners, 3 seeds, test split, with the final measures
+    python benchmarks/latent_study.py dirty     # BWArea's dirty-data claim: 4 pretrainings from scratch
+    python benchmarks/latent_study.py report    # summary.json / summary.md from the raw results
+    python benchmarks/latent_study.py all --quick   # every stage at smoke-test size, runs/latent-quick
+
+Written before any of its results were seen; the same for every method and action space:
+
+build  `reval pretrain --task mul --latent-codes 64` (world model and inverse dynamics 300 steps from
+       the shipped `mul` warm start, then the policy 300 steps), seed 0.
+tune   ReVal (K 8, a 5-round buffer: the main study's tuned reuse) and our GRPO (K 2, likewise), each over
+       tokens (the shipped warm start) and over codes (the model `build` wrote), lr in {1e-4, 3e-4, 1e-3},
+       24 rounds of 16 x 8 answers, greedy accuracy on 100 validation problems every 2 rounds; score =
+       the mean over the evaluations after rounds 1..24; ties: the smaller lr.
+run    each of the 4 winners on seeds 0, 1, 2, the test split (200 problems after every round), the same
+       budget; then on the final model: diversity (distinct answers among 8 sampled per problem, 50 test
+       problems) and the held capability (greedy accuracy on 100 `add` validation problems, a task neither
+       model was trained for; see docs/latent.md for what it can and cannot show).
+dirty  seed 0, from a fresh tiny Qwen2 each: the plain LM on clean and on 20%-corrupted solutions
+       (1,500 steps, the warm start's recipe: the clean one is the shipped warm start and its own report),
+       and the latent-action model on each (1,500 world-model steps, then 1,500 policy steps); greedy
+       accuracy and mean@8 on 500 validation problems.
+
+Results: benchmarks/results/latent/ (raw/ per run, summary.json: one value per seed for every method and
+measure). Runs are bench.py's (`bench.launch`: a child process each, two at a time on one thread each, a
+run whose result file exists is skipped).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+from statistics import mean
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench import RESULTS, launch, make_spec  # noqa: E402
+
+from reval.model import default_model_path  # noqa: E402
+
+OUT = RESULTS / "latent"
+LRS = (1e-4, 3e-4, 1e-3)
+K = {"reval": 8, "grpo": 2}  # the main study's tuned reuse
+SPACES = ("token", "latent")
+SEEDS = (0, 1, 2)
+MEASURES = ("diversity", "held_add")
+
+
+def models(out: Path) -> Path:
+    """Where the pretrained models go: never into the committed results (they are megabytes)."""
+    return out / "models" if out.parts[0] == "runs" else Path("runs/latent-study/models")
+
+
+def latent_dir(out: Path) -> Path:
+    return models(out) / "latent-mul"
+
+
+def build(out: Path, quick: bool) -> dict:
+    """The latent-action model (`reval pretrain --latent-codes 64`), unless it exists."""
+    path = latent_dir(out)
+    if not (path / "latent.json").exists():
+        steps = ["--steps", "4", "--policy-steps", "4", "--eval-problems", "8"] if quick else []
+        subprocess.run([sys.executable, "-m", "reval.cli", "pretrain", "--task", "mul", "--latent-codes", "64",
+                        "--out", str(path), *steps], check=True)
+    report = json.loads((path / "pretrain.json").read_text())
+    (out / "pretrain-latent.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def _specs(out: Path, study: str, rows, quick: bool, split: str, num_eval: int, every: int, measures=()):
+    rounds = 2 if quick else 24
+    return [make_spec(out, study, method, seed, lr, K[method], rounds, split, 8 if quick else num_eval, "mul",
+                      overrides={"model.path": str(latent_dir(out))} if space == "latent" else {},
+                      label=f"{space}_{method}", eval_every=1 if quick else every, measures=measures)
+            for method, space, seed, lr in rows]
+
+
+def score(result: dict) -> float:
+    return round(mean(p["accuracy"] for p in result["curve"][1:]), 4)
+
+
+def tune(out: Path, workers: int, fresh: bool, quick: bool) -> dict:
+    rows = [(m, sp, 0, lr) for m in K for sp in SPACES for lr in (LRS[1:2] if quick else LRS)]
+    specs = _specs(out, "tune", rows, quick, "validation", 100, 2)
+    results = launch(specs, workers, fresh)
+    winners = {}
+    for spec, res in zip(specs, results):
+        key, s = spec.label, score(res)
+        if key not in winners or s > winners[key]["score"]:  # ties keep the smaller lr (LRS ascends)
+            winners[key] = {"lr": spec.lr, "k": spec.k, "score": s}
+    (out / "tuning.json").write_text(json.dumps({"split": "validation", "winners": winners}, indent=2) + "\n")
+    return winners
+
+
+def run(out: Path, workers: int, fresh: bool, quick: bool) -> list[dict]:
+    winners = json.loads((out / "tuning.json").read_text())["winners"]
+    rows = [(label.split("_", 1)[1], label.split("_", 1)[0], seed, w["lr"])
+            for label, w in winners.items() for seed in ((0,) if quick else SEEDS)]
+    return launch(_specs(out, "run", rows, quick, "test", 200, 1, MEASURES), workers, fresh)
+
+
+DIRTY = {  # name: (latent codes, corrupt share)
+    "lm_clean": (0, 0.0), "lm_dirty": (0, 0.2), "latent_clean": (64, 0.0), "latent_dirty": (64, 0.2)}
+
+
+def dirty(out: Path, quick: bool) -> dict:
+    """Four pretrainings from scratch, seed 0; each one's pretrain.json (skipped if it exists)."""
+    steps = "4" if quick else "1500"
+    reports = {}
+    for name, (codes, share) in DIRTY.items():
+        path = models(out) / name
+        if name == "lm_clean" and not quick:  # exactly the shipped warm start's recipe and seed: its own report
+            path = default_model_path("mul")
+        if not (path / "pretrain.json").exists():
+            latent = ["--latent-codes", str(codes), "--latent-from", "fresh", "--policy-steps", steps] if codes else []
+            subprocess.run([sys.executable, "-m", "reval.cli", "pretrain", "--task", "mul", "--steps", steps,
+                            "--corrupt", str(share), "--out", str(path), *latent,
+                            *(["--eval-problems", "8"] if quick else [])], check=True)
+        reports[name] = json.loads((path / "pretrain.json").read_text())
+    summary = {name: {k: r[k] for k in ("accuracy", "mean@8", "seconds")} | (
+        {"reconstruction": r["reconstruction"]} if "reconstruction" in r else {}) for name, r in reports.items()}
+    (out / "dirty.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def report(out: Path) -> dict:
+    """summary.json: per method and action space, one value per seed of every measure."""
+    summary: dict = {"split": "test", "seeds": list(SEEDS), "methods": {}}
+    for path in sorted((out / "raw").glob("run__*.json")):
+        res = json.loads(path.read_text())
+        spec = res["spec"]
+        m = summary["methods"].setdefault(spec["label"], {"lr": spec["lr"], "k": spec["k"], "per_seed": {}})
+        curve = res["curve"]
+        m["per_seed"][str(spec["seed"])] = {
+            "final_accuracy": curve[-1]["accuracy"], "mean_accuracy": score(res),
+            "answers": curve[-1]["samples"], "seconds": curve[-1]["seconds"],
+            "accuracy_per_1k_answers": round(1000 * (curve[-1]["accuracy"] - curve[0]["accuracy"])
+                                             / max(curve[-1]["samples"], 1), 4),
+            "accuracy_per_minute": round(60 * (curve[-1]["accuracy"] - curve[0]["accuracy"])
+                                         / max(curve[-1]["seconds"], 1e-9), 4),
+            **{k: res[k] for k in MEASURES if k in res}}
+    for name in ("tuning.json", "dirty.json", "pretrain-latent.json"):
+        if (out / name).exists():
+            summary[name.removesuffix(".json").replace("-", "_")] = json.loads((out / name).read_text())
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("stage", choices=("build", "tune", "run", "dirty", "report", "all"))
+    ap.add_argument("--quick", action="store_true", help="smoke-test size, to runs/latent-quick")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--fresh", action="store_true", help="run again even where a result exists")
+    args = ap.parse_args()
+    out = Path("runs/latent-quick") if args.quick else OUT
+    out.mkdir(parents=True, exist_ok=True)
+    if args.stage in ("build", "all"):
+        build(out, args.quick)
+    if args.stage in ("tune", "all"):
+        tune(out, args.workers, args.fresh, args.quick)
+    if args.stage in ("run", "all"):
+        run(out, args.workers, args.fresh, args.quick)
+    if args.stage in ("dirty", "all"):
+        dirty(out, args.quick)
+    if args.stage in ("report", "all"):
+        print(json.dumps(report(out), indent=2)[:3000])
+
+
+if __name__ == "__main__":
+    main()
