@@ -823,8 +823,8 @@ def plot(out: Path, summary: dict) -> None:
         fig.savefig(out / fname, dpi=100)
         plt.close(fig)
     tuning_file = out / "tuning.json"
-    if tuning_file.exists():
-        grid = json.loads(tuning_file.read_text())["grid"]
+    grid = json.loads(tuning_file.read_text()).get("grid") if tuning_file.exists() else None
+    if grid:  # the replay study's main stage has winners from its own staged grid, not this one
         fig, axes = plt.subplots(1, len(grid), figsize=(3.2 * len(grid), 3.2), sharey=True)
         for ax, (method, rows) in zip(list(getattr(axes, "flat", [axes])), grid.items()):
             for lr in sorted({r["lr"] for r in rows}):

@@ -3,6 +3,7 @@
     python benchmarks/replay_study.py parity          # section 1 -> benchmarks/results/replay/
     python benchmarks/replay_study.py variants        # section 3 at the shipped ReVal setting (validation)
     python benchmarks/replay_study.py grid            # sections 2 and 3, stages A-D (validation)
+    python benchmarks/replay_study.py main            # section 4: the grid's winners, 5 seeds, test split
     python benchmarks/replay_study.py report          # summary.json / summary.md again from the raw runs
     python benchmarks/replay_study.py parity --quick  # smoke-test size, runs/replay-quick
 
@@ -30,6 +31,11 @@ grid (sections 2 and 3): a staged search, written down before any of its results
      reward variance, age-decayed sampling) on C's best.
   D. the two best settings of each method again on seeds 1 and 2; the winner is the best mean of 3 seeds.
   Each stage's winner is the highest score; ties: fewer updates, then the smaller lr.
+
+main (section 4): each method's stage-D winner (lr, K, P x G and its overrides) on seeds MAIN_SEEDS, the test
+  split, 24 rounds x 128 answers, greedy accuracy on 200 test problems after every round: bench.py's main
+  study with the grid's winners, written to benchmarks/results/replay/main/ and summarised by bench.py's own
+  `report` (the same summary.json keys as benchmarks/results/mul/, the same target rule and ratios).
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ from pathlib import Path
 from statistics import mean
 
 sys.path.insert(0, str(Path(__file__).parent))
+import bench  # noqa: E402
 from bench import RESULTS, launch, make_spec  # noqa: E402
 
 OUT = RESULTS / "replay"
@@ -53,6 +60,7 @@ LRS = (3e-5, 5e-5, 1e-4, 3e-4)
 KS = {"reval": (2, 4, 8), "grpo": (1, 2, 4), "trl_grpo": (1, 2, 4)}
 SHAPES = (4, 2)  # stage B's G (P = 128 / G); stage A's is 8
 BUFFER_ROUNDS, RESETS = (5, 10, 20), (0, 10)
+MAIN_SEEDS, MAIN_EVAL = (0, 1, 2, 3, 4), 200
 PARITY = {"grpo": ("grpo", {}), "grpo_sample": ("grpo", {"loss.grpo_std": "sample", "loss.grpo_eps": 1e-4}),
           "trl_grpo": ("trl_grpo", {})}
 
@@ -129,6 +137,29 @@ def grid(out: Path, workers: int, fresh: bool, quick: bool) -> dict:
     stages["D"] = final
     (out / "grid.json").write_text(json.dumps({"split": "validation", "stages": stages}, indent=2) + "\n")
     return stages
+
+
+def main_study(out: Path, workers: int, fresh: bool, quick: bool) -> dict:
+    """Section 4: the grid's stage-D winners on the test split (module docstring); returns the summary."""
+    grid_file = out / "grid.json"
+    if not grid_file.exists():
+        raise SystemExit(f"{grid_file} is missing: run `python benchmarks/replay_study.py grid` first "
+                         "(the main study runs the grid's winners)")
+    winners = json.loads(grid_file.read_text())["stages"]["D"]
+    main_out = out / "main"
+    main_out.mkdir(parents=True, exist_ok=True)
+    rounds, num_eval, seeds = (2, 8, (0,)) if quick else (ROUNDS, MAIN_EVAL, MAIN_SEEDS)
+    specs = [make_spec(main_out, "main", m, seed, w["lr"], w["k"], rounds, "test", num_eval, "mul",
+                       samples_per_prompt=w["G"], overrides=w["overrides"])
+             for seed in seeds for m, w in winners.items()]
+    # bench.report reads the winners from tuning.json, as after `bench.py tune`
+    tuning = {"tuned_on": "validation", "task": "mul", "rounds": ROUNDS, "seed": "0 (stages A-C), 0-2 (D)",
+              "rule": "benchmarks/replay_study.py grid, stages A-D", "source": str(grid_file),
+              "winner": {m: {"lr": w["lr"], "k": w["k"], "algo": bench.algo_of(m, w["k"]), "G": w["G"],
+                             "overrides": w["overrides"]} for m, w in winners.items()}}
+    (main_out / "tuning.json").write_text(json.dumps(tuning, indent=2) + "\n")
+    launch(specs, workers, fresh)
+    return bench.report(main_out)
 
 
 def score(result: dict) -> float:
@@ -215,7 +246,7 @@ def report(out: Path) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("stage", choices=("parity", "variants", "grid", "report"))
+    ap.add_argument("stage", choices=("parity", "variants", "grid", "main", "report"))
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--fresh", action="store_true")
@@ -229,6 +260,8 @@ def main() -> None:
         launch(variant_specs(out, a.quick), a.workers, a.fresh)
     if a.stage == "grid":
         grid(out, a.workers, a.fresh, a.quick)
+    if a.stage == "main":
+        main_study(out, a.workers, a.fresh, a.quick)
     report(out)
 
 

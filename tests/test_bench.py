@@ -167,6 +167,48 @@ def test_replay_grid_stages_build_on_each_other(monkeypatch, tmp_path):
     assert json.loads((tmp_path / "grid.json").read_text())["stages"]["D"] == stages["D"]
 
 
+def test_replay_main_study_runs_the_grid_winners_on_test_and_keeps_the_summary_keys(monkeypatch, tmp_path):
+    """Section 4: each method's stage-D setting (lr, K, shape, overrides) on 5 test seeds; the summary has
+    every key of the earlier main study's (benchmarks/results/mul/summary.json), so the two compare."""
+    rs, _ = _replay_study(monkeypatch, lambda s: 0.0)
+    winners = {"reval": {"method": "reval", "lr": 5e-5, "k": 8, "G": 4, "seed": 0,
+                         "overrides": {"buffer.capacity": 1280, "buffer.sampling": "recency"}},
+               "grpo": {"method": "grpo", "lr": 1e-4, "k": 2, "G": 8, "seed": 0, "overrides": {}},
+               "trl_grpo": {"method": "trl_grpo", "lr": 3e-5, "k": 4, "G": 2, "seed": 0, "overrides": {}}}
+    with pytest.raises(SystemExit, match="run `python benchmarks/replay_study.py grid` first"):
+        rs.main_study(tmp_path, 2, False, False)
+    (tmp_path / "grid.json").write_text(json.dumps({"split": "validation", "stages": {"D": winners}}))
+    calls = []
+    speed = {"reval": 2, "grpo": 1, "trl_grpo": 1}  # ReVal reaches each accuracy in half the rounds
+
+    def fake_launch(specs, workers, fresh):
+        calls.extend(specs)
+        for s in specs:
+            curve = [{"round": r, "samples": 128 * r, "seconds": 10.0 * r,
+                      "accuracy": min(0.3 + 0.02 * r * speed[s.method], 0.8)} for r in range(s.rounds + 1)]
+            res = {"curve": curve, "spec": {"label": s.label, "method": s.method, "lr": s.lr, "k": s.k,
+                                            "seed": s.seed, "algo": s.algo},
+                   "generate_seconds": 1.0, "update_seconds": 2.0, "peak_rss_mb": 100.0}
+            Path(s.result).parent.mkdir(parents=True, exist_ok=True)
+            Path(s.result).write_text(json.dumps(res))
+        return []
+
+    monkeypatch.setattr(rs, "launch", fake_launch)
+    summary = rs.main_study(tmp_path, 2, False, False)
+    assert len(calls) == 15 and {s.split for s in calls} == {"test"} and {s.seed for s in calls} == {0, 1, 2, 3, 4}
+    assert all(s.rounds == 24 and s.num_eval == 200 for s in calls)
+    reval = [s for s in calls if s.method == "reval"]
+    assert all(s.samples_per_prompt == 4 and s.prompts_per_round == 32 and s.k == 8 and s.lr == 5e-5
+               and s.overrides == winners["reval"]["overrides"] for s in reval)
+    assert all(s.samples_per_prompt == 2 and s.k == 4 for s in calls if s.method == "trl_grpo")
+    earlier = json.loads((Path(__file__).parents[1] / "benchmarks/results/mul/summary.json").read_text())
+    main_keys = set(earlier) - {"n1", "why", "claims"}
+    assert main_keys <= set(summary)
+    assert summary["answers_ratio_vs_reval"]["grpo"]["ratio"] > 1.5
+    assert summary["tuning_winners"]["reval"]["G"] == 4
+    assert (tmp_path / "main" / "summary.json").exists()
+
+
 # -- the latent-action study (benchmarks/latent_study.py), with scores made up ------------------------
 
 def test_latent_study_tunes_each_space_alike_and_runs_the_winners_with_their_measures(monkeypatch, tmp_path):
