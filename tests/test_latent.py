@@ -84,6 +84,10 @@ def test_generation_plays_codes_and_the_loss_scores_exactly_those(latent_dir):
         n = len(e.response_ids)
         assert torch.allclose(logp[i, :n], torch.tensor(samples.logprobs[i]), atol=1e-4)
     assert v.shape == (12,)
+    torch.manual_seed(0)  # each prompt prefilled once for its 4 answers = the prompt written 4 times
+    apart = generate(model, tok, [p for p in prompts for _ in range(4)], max_new_tokens=24, return_logprobs=True)
+    assert apart.actions == samples.actions and apart.response_ids == samples.response_ids
+    assert torch.allclose(torch.tensor(sum(apart.logprobs, [])), torch.tensor(sum(samples.logprobs, [])), atol=1e-5)
     greedy = generate(model, tok, prompts, max_new_tokens=24, greedy=True)
     again = generate(model, tok, prompts, max_new_tokens=24, greedy=True)
     assert greedy.response_ids == again.response_ids and greedy.actions == again.actions

@@ -225,15 +225,17 @@ def generate_latent(model: LatentActionModel, tokenizer, prompts: list[str], *, 
     enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left",
                     add_special_tokens=False).to(model.device)
     G = samples_per_prompt
-    ids, mask = enc["input_ids"].repeat_interleave(G, 0), enc["attention_mask"].repeat_interleave(G, 0)  # (N, P)
-    N = ids.shape[0]
+    ids, mask = enc["input_ids"], enc["attention_mask"]  # (N / G, P): each prompt is prefilled once
     decoders = (model.policy.get_decoder(), model.world.get_decoder())
     name = cache_argument(decoders[0])
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     outs = [d(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True) for d in decoders]
     caches = [o[name] for o in outs]
-    h_pol, h_world = (o.last_hidden_state[:, -1] for o in outs)  # (N, D) each
-    pos = positions[:, -1]
+    for cache in caches:  # then its KV cache is shared by its G answers
+        cache.batch_repeat_interleave(G)
+    h_pol, h_world = (o.last_hidden_state[:, -1].repeat_interleave(G, 0) for o in outs)  # (N, D) each
+    mask, pos = mask.repeat_interleave(G, 0), positions[:, -1].repeat_interleave(G, 0)
+    N = mask.shape[0]
     tokens, actions, logps = [], [], []
     done = torch.zeros(N, dtype=torch.bool, device=ids.device)
     policy_head = model.policy.get_output_embeddings()
