@@ -31,7 +31,6 @@ run whose result file exists is skipped).
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
@@ -40,6 +39,7 @@ from statistics import mean
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench import RESULTS, launch, make_spec  # noqa: E402
+from offline_common import study_args  # noqa: E402
 
 from reval.model import default_model_path  # noqa: E402
 
@@ -53,7 +53,7 @@ MEASURES = ("diversity", "held_add")
 
 def models(out: Path) -> Path:
     """Where the pretrained models go: never into the committed results (they are megabytes)."""
-    return out / "models" if out.parts[0] == "runs" else Path("runs/latent-study/models")
+    return out / "models" if out.parts[0] == "runs" else Path("runs/latent/models")
 
 
 def latent_dir(out: Path) -> Path:
@@ -152,14 +152,7 @@ def report(out: Path) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("stage", choices=("build", "tune", "run", "dirty", "report", "all"))
-    ap.add_argument("--quick", action="store_true", help="smoke-test size, to runs/latent-quick")
-    ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--fresh", action="store_true", help="run again even where a result exists")
-    args = ap.parse_args()
-    out = Path("runs/latent-quick") if args.quick else OUT
-    out.mkdir(parents=True, exist_ok=True)
+    args, out, _ = study_args(__doc__, "latent", OUT, ("build", "tune", "run", "dirty", "report", "all"))
     if args.stage in ("build", "all"):
         build(out, args.quick)
     if args.stage in ("tune", "all"):

@@ -1,4 +1,5 @@
-"""Shared plumbing of the offline-algorithm studies (iq_study.py, preference_study.py).
+"""Shared plumbing of the offline-algorithm studies (iq_study.py, preference_study.py, dualqdm_study.py);
+the others (replay_study.py, latent_study.py) share its command line, `study_args`.
 
 Each training run is a child process (`python STUDY.py child --job FILE`), `workers` at a
 time, one thread each; a run whose result file exists is skipped, so an interrupted stage
@@ -23,12 +24,14 @@ from reval.config import TrainConfig
 from reval.demo import set_field
 
 
-def study_args(doc: str, name: str, out: Path) -> tuple[argparse.Namespace, Path, Path]:
-    """The command line every study shares: (args, results directory, work directory). The results
+def study_args(doc: str, name: str, out: Path, stages: tuple[str, ...] = ("all", "tune", "run", "report"),
+               ) -> tuple[argparse.Namespace, Path, Path]:
+    """The command line every study shares, with its own `stages`: (args, results directory, work
+    directory). The results
     go to `out` (`runs/NAME-quick` with --quick); models, data files and run directories go to
     `runs/NAME`, which is not committed (with --quick: the results directory)."""
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("stage", choices=("all", "tune", "run", "report"))
+    ap.add_argument("stage", choices=stages)
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--fresh", action="store_true")

@@ -40,7 +40,6 @@ main (section 4): each method's stage-D winner (lr, K, P x G and its overrides) 
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -49,6 +48,7 @@ from statistics import mean
 sys.path.insert(0, str(Path(__file__).parent))
 import bench  # noqa: E402
 from bench import RESULTS, launch, make_spec  # noqa: E402
+from offline_common import study_args  # noqa: E402
 
 OUT = RESULTS / "replay"
 ROUNDS, NUM_EVAL, EVAL_EVERY = 24, 100, 2
@@ -245,15 +245,7 @@ def report(out: Path) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("stage", choices=("parity", "variants", "grid", "main", "report"))
-    ap.add_argument("--out", type=Path, default=None)
-    ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--fresh", action="store_true")
-    ap.add_argument("--quick", action="store_true")
-    a = ap.parse_args()
-    out = a.out or (Path("runs/replay-quick") if a.quick else OUT)
-    out.mkdir(parents=True, exist_ok=True)
+    a, out, _ = study_args(__doc__, "replay", OUT, ("parity", "variants", "grid", "main", "report"))
     if a.stage == "parity":
         launch(parity_specs(out, a.quick), a.workers, a.fresh)
     if a.stage == "variants":
