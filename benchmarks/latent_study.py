@@ -15,6 +15,7 @@ tune   ReVal (K 8, a 5-round buffer: the main study's tuned reuse) and our GRPO 
        tokens (the shipped warm start) and over codes (the model `build` wrote), lr in {1e-4, 3e-4, 1e-3},
        24 rounds of 16 x 8 answers, greedy accuracy on 100 validation problems every 2 rounds; score =
        the mean over the evaluations after rounds 1..24; ties: the smaller lr.
+       A token run identical to one the replay study's grid made (replay/raw/) is copied, not rerun.
 run    each of the 4 winners on seeds 0, 1, 2, the test split (200 problems after every round), the same
        budget; then on the final model: diversity (distinct answers among 8 sampled per problem, 50 test
        problems) and the held capability (greedy accuracy on 100 `add` validation problems, as the issue
@@ -34,11 +35,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import MISSING, asdict, fields
 from pathlib import Path
 from statistics import mean
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench import RESULTS, launch, make_spec  # noqa: E402
+from bench import RESULTS, RunSpec, launch, make_spec  # noqa: E402
 from offline_common import study_args  # noqa: E402
 
 from reval.model import default_model_path  # noqa: E402
@@ -84,9 +86,35 @@ def score(result: dict) -> float:
     return round(mean(p["accuracy"] for p in result["curve"][1:]), 4)
 
 
+NAMES = ("label", "run_dir", "result")  # what differs between two runs of one setting in two studies
+
+
+def reuse_identical(specs, done: Path) -> list[str]:
+    """Copy the result of a finished run in `done` (another study's raw/) whose spec equals one of
+    `specs` in everything but its names, so the same training is not run twice; returns the copies."""
+    defaults = {f.name: f.default for f in fields(RunSpec) if f.default is not MISSING}  # fields added later
+    finished = {}
+    for path in sorted(done.glob("*.json")):
+        spec = defaults | json.loads(path.read_text()).get("spec", {})
+        finished[json.dumps({k: v for k, v in spec.items() if k not in NAMES}, sort_keys=True)] = path
+    copied = []
+    for spec in specs:
+        key = json.dumps({k: v for k, v in asdict(spec).items() if k not in NAMES}, sort_keys=True)
+        if key in finished and not Path(spec.result).exists():
+            res = json.loads(finished[key].read_text())
+            res["spec"] = asdict(spec) | {"reused_from": str(finished[key])}
+            Path(spec.result).parent.mkdir(parents=True, exist_ok=True)
+            Path(spec.result).write_text(json.dumps(res, indent=2) + "\n")
+            copied.append(spec.result)
+    return copied
+
+
 def tune(out: Path, workers: int, fresh: bool, quick: bool) -> dict:
     rows = [(m, sp, 0, lr) for m in K for sp in SPACES for lr in (LRS[1:2] if quick else LRS)]
     specs = _specs(out, "tune", rows, quick, "validation", 100, 2)
+    if not fresh:  # token runs at lr 1e-4 and 3e-4 are the replay study's grid (stage A) exactly
+        for path in reuse_identical(specs, RESULTS / "replay" / "raw"):
+            print(f"{path}: the identical run of the replay study, reused")
     results = launch(specs, workers, fresh)
     winners = {}
     for spec, res in zip(specs, results):

@@ -249,3 +249,28 @@ def test_latent_study_tunes_each_space_alike_and_runs_the_winners_with_their_mea
     seeds = summary["methods"]["latent_reval"]["per_seed"]
     assert set(seeds) == {"0", "1", "2"} and seeds["2"]["diversity"] == 4.0
     assert seeds["0"]["accuracy_per_1k_answers"] == round(1000 * 0.2 / 3072, 4)
+
+
+def test_latent_study_reuses_only_an_identical_finished_run(tmp_path):
+    """A token run the replay grid already made (same spec but its names; an older spec without the
+    later `measures` field) is copied, not run again; a run differing in anything else is not."""
+    spec = importlib.util.spec_from_file_location("latent_study", Path(__file__).parents[1] / "benchmarks"
+                                                  / "latent_study.py")
+    ls = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ls)
+    from dataclasses import asdict
+
+    specs = ls._specs(tmp_path / "latent", "tune", [("reval", "token", 0, 1e-4), ("reval", "token", 0, 3e-4)],
+                      False, "validation", 100, 2)
+    done = tmp_path / "replay" / "raw"
+    done.mkdir(parents=True)
+    for i, (s, lr) in enumerate(zip(specs, (1e-4, 1e-3))):
+        old = {k: v for k, v in asdict(s).items() if k != "measures"} | {"label": "reval_G8", "lr": lr,
+                                                                          "result": "x", "run_dir": "y"}
+        (done / f"{i}.json").write_text(json.dumps({"curve": [{"accuracy": 0.1 * (i + 1)}], "spec": old}))
+    copied = ls.reuse_identical(specs, done)
+    assert copied == [specs[0].result]
+    res = json.loads(Path(specs[0].result).read_text())
+    assert res["curve"] == [{"accuracy": 0.1}] and res["spec"]["label"] == "token_reval"
+    assert res["spec"]["reused_from"] == str(done / "0.json") and not Path(specs[1].result).exists()
+    assert ls.reuse_identical(specs, done) == []  # never over an existing result
