@@ -204,6 +204,24 @@ def variants_summary(out: Path) -> dict:
     return {"split": "validation", "setting": "reval lr 1e-4, K 8, 16 x 8, 5-round buffer", "by_sampling": rows}
 
 
+def grid_summary(out: Path) -> dict:
+    """Every grid run's score by stage, method and setting (the raw files; the stages need not be done)."""
+    stages: dict = {}
+    for st in "ABCD":
+        for r in _load(out, f"grid{st}"):
+            s = r["spec"]
+            over = ", ".join(f"{k.split('.')[-1]} {v}" for k, v in sorted(s["overrides"].items()))
+            setting = f"lr {s['lr']:g}, K {s['k']}, {s['prompts_per_round']} x {s['samples_per_prompt']}" + (
+                f", {over}" if over else "")
+            cell = stages.setdefault(st, {}).setdefault(s["method"], {}).setdefault(
+                setting, {"seeds": [], "score": [], "final_accuracy": [], "cpu_seconds": []})
+            cell["seeds"].append(s["seed"])
+            cell["score"].append(score(r))
+            cell["final_accuracy"].append(r["curve"][-1]["accuracy"])
+            cell["cpu_seconds"].append(round(r.get("cpu_seconds", 0.0)))
+    return stages
+
+
 def markdown(summary: dict) -> str:
     lines = ["# Replay study (validation)", ""]
     fmt = lambda xs: " / ".join(f"{x:.3f}" for x in xs)  # noqa: E731
@@ -227,6 +245,29 @@ def markdown(summary: dict) -> str:
             lines.append(f"| {label} | {fmt(c['mean_accuracy'])} | {fmt(c['final_accuracy'])} | "
                          f"{c['mean_over_seeds']:.3f} |")
         lines.append("")
+    runs = summary.get("grid_runs")
+    if runs:
+        lines += ["## The staged grid (sections 2 and 3)", "",
+                  "Score: mean greedy validation accuracy over rounds 1-24 (100 problems, every 2 rounds); "
+                  "per seed (D: seeds 1 and 2 of a setting A-C ran on seed 0).", ""]
+        for st, methods in runs.items():
+            lines += [f"### Stage {st}", "", "| method | setting | score | final accuracy | CPU s |",
+                      "|---|---|---|---|---|"]
+            for m, cells in methods.items():
+                for setting, c in sorted(cells.items(), key=lambda kv: -mean(kv[1]["score"])):
+                    lines.append(f"| {m} | {setting} | {fmt(c['score'])} | {fmt(c['final_accuracy'])} | "
+                                 f"{' / '.join(str(x) for x in c['cpu_seconds'])} |")
+            lines.append("")
+        winners = summary.get("grid", {}).get("stages", {})
+        if winners:
+            lines += ["### Winners", "", "| stage | method | lr | K | G | overrides | 3-seed mean |",
+                      "|---|---|---|---|---|---|---|"]
+            for st, ws in winners.items():
+                for m, w in ws.items():
+                    lines.append(f"| {st} | {m} | {w['lr']:g} | {w['k']} | {w['G']} | "
+                                 f"{json.dumps(w['overrides']) if w['overrides'] else '-'} | "
+                                 f"{w.get('mean_score_3_seeds', '')} |")
+            lines.append("")
     return "\n".join(lines) + "\n"
 
 
@@ -236,6 +277,8 @@ def report(out: Path) -> dict:
         summary["parity"] = parity_summary(out)
     if _load(out, "variants"):
         summary["variants"] = variants_summary(out)
+    if _load(out, "gridA"):
+        summary["grid_runs"] = grid_summary(out)
     if (out / "grid.json").exists():
         summary["grid"] = json.loads((out / "grid.json").read_text())
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -167,6 +167,19 @@ def test_replay_grid_stages_build_on_each_other(monkeypatch, tmp_path):
     assert json.loads((tmp_path / "grid.json").read_text())["stages"]["D"] == stages["D"]
 
 
+def test_replay_report_tables_every_grid_run_best_first(monkeypatch, tmp_path):
+    rs, _ = _replay_study(monkeypatch, lambda s: 0.0)
+    (tmp_path / "raw").mkdir()
+    for i, (lr, acc) in enumerate([(1e-4, 0.5), (3e-4, 0.7)]):
+        spec = {"method": "reval", "lr": lr, "k": 8, "seed": 0, "prompts_per_round": 32, "samples_per_prompt": 4,
+                "overrides": {"buffer.capacity": 1280} if i else {}, "label": "reval_G4"}
+        (tmp_path / "raw" / f"gridA__{i}.json").write_text(json.dumps(
+            {"spec": spec, "curve": [{"accuracy": 0.2}, {"accuracy": acc}, {"accuracy": acc}], "cpu_seconds": 99.6}))
+    md = rs.markdown(rs.report(tmp_path))
+    best = md.index("| reval | lr 0.0003, K 8, 32 x 4, capacity 1280 | 0.700 | 0.700 | 100 |")
+    assert best < md.index("| reval | lr 0.0001, K 8, 32 x 4 | 0.500 | 0.500 | 100 |")
+
+
 def test_replay_main_study_runs_the_grid_winners_on_test_and_keeps_the_summary_keys(monkeypatch, tmp_path):
     """Section 4: each method's stage-D setting (lr, K, shape, overrides) on 5 test seeds; the summary has
     every key of the earlier main study's (benchmarks/results/mul/summary.json), so the two compare."""
