@@ -13,7 +13,7 @@ import torch
 from reval import offline
 from reval.buffer import ReplayBuffer, collate
 from reval.config import TrainConfig
-from reval.latent import generate_latent, is_latent, reconstruction
+from reval.latent import LatentActionModel, copy_of, generate_latent, is_latent, reconstruction, share_frozen
 from reval.logprobs import sequence_logprobs
 from reval.metrics import read_metrics
 from reval.model import PROMPT_TEMPLATE, format_prompt, load_model
@@ -103,6 +103,10 @@ def test_save_and_load_are_exact_and_only_the_policy_trains(latent_dir, tmp_path
     loaded, _ = load_model(tmp_path / "again")
     a, b = model.state_dict(), loaded.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    for replica in (copy_of(model), share_frozen(loaded, model)):  # a stale sampler, the reference
+        assert all(getattr(replica, n) is getattr(model, n) for n in LatentActionModel.FROZEN)
+        assert all(p is not q for p, q in zip(replica.policy.parameters(), model.policy.parameters()))
+        assert all(torch.equal(p, q) for p, q in zip(replica.state_dict().values(), a.values()))
     (tmp_path / "again" / "latent.json").write_text("{")
     with pytest.raises(OSError, match="latent-action model .* is unreadable"):
         load_model(tmp_path / "again")

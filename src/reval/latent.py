@@ -103,10 +103,12 @@ class LatentActionModel(torch.nn.Module):
     def forward(self, *args, **kwargs):
         return self.policy(*args, **kwargs)
 
+    FROZEN = ("world", "code_embed", "merge", "idm_token", "idm")  # what RL never changes
+
     def freeze_world(self) -> "LatentActionModel":
         """RL trains the policy only: the world model, its codes and the inverse dynamics stay fixed."""
-        for module in (self.world, self.code_embed, self.merge, self.idm_token, self.idm):
-            module.requires_grad_(False)
+        for name in self.FROZEN:
+            getattr(self, name).requires_grad_(False)
         return self
 
     # --- the world model and the inverse dynamics ---
@@ -171,6 +173,24 @@ def build_latent(world, codes: int = 64, **sizes) -> LatentActionModel:
         raise ValueError(f"a latent action space needs at least 2 codes, got {codes}")
     model = LatentActionModel(world, code_policy(world, codes), codes, **sizes)
     return model.to(device=world.device, dtype=world.dtype)
+
+
+def share_frozen(replica, model):
+    """`replica` (a reference or a stale sampler of a latent `model`) takes `model`'s frozen world
+    model, codes and inverse dynamics instead of holding its own: only the policy is copied. The
+    weights are equal (both frozen from the same start), so nothing it computes changes; a
+    non-latent pair is returned as it is."""
+    if is_latent(replica) and is_latent(model):
+        for name in LatentActionModel.FROZEN:
+            setattr(replica, name, getattr(model, name))
+    return replica
+
+
+def copy_of(model):
+    """A deep copy of `model`; of a latent model only its policy is copied (`share_frozen`), without
+    ever holding a second world model in memory."""
+    frozen = [getattr(model, name) for name in LatentActionModel.FROZEN] if is_latent(model) else []
+    return copy.deepcopy(model, memo={id(m): m for m in frozen})
 
 
 def is_latent(model) -> bool:

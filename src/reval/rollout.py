@@ -12,12 +12,11 @@ still together (the replay buffer later samples trajectories one by one).
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import torch
 
-from reval.latent import generate_latent, is_latent
+from reval.latent import copy_of, generate_latent, is_latent
 from reval.model import cache_argument
 
 
@@ -146,7 +145,7 @@ class HFGenerator:
 
     def __init__(self, model, tokenizer, eos_token_ids: list[int], separate_copy: bool = False):
         self.tokenizer, self.eos_token_ids = tokenizer, eos_token_ids
-        self.model = copy.deepcopy(model).requires_grad_(False) if separate_copy else model
+        self.model = copy_of(model).requires_grad_(False) if separate_copy else model
         self.separate_copy = separate_copy
 
     def generate(self, prompts: list[str], **kwargs) -> Samples:

@@ -11,6 +11,7 @@ from reval import offline
 from reval.config import TrainConfig
 from reval.distributed import whole_models
 from reval.checkpoint import latest_checkpoint
+from reval.latent import share_frozen
 from reval.model import _is_run_dir, add_lora, load_model, no_peft_deprecation_warning
 from reval.qhead import attach_qadapter
 from reval.reference import Reference
@@ -107,7 +108,7 @@ def make_reference(cfg: TrainConfig, model, ckpt: Path | None, start_path, accel
     ref_source = ckpt / "reference" if ckpt and (ckpt / "reference").exists() else start_path
     with whole_models(accelerator):  # a frozen copy on every rank, never partitioned (ZeRO-3)
         ref_copy = load_for_training(cfg, ref_source, ckpt / "model" if ckpt else None)[0].to(accelerator.device)
-    return Reference(model, ref_copy, autocast=accelerator.autocast)
+    return Reference(model, share_frozen(ref_copy, model), autocast=accelerator.autocast)
 
 
 def datasets(cfg: TrainConfig, problems, eval_problems, kind: str = "rollout") -> tuple[list, dict[str, list]]:
