@@ -108,7 +108,7 @@ def test_demo_writes_summary_and_plot(tiny_dir, tmp_path):
     assert set(summary) == {"reval", "grpo"}
     for s in summary.values():
         assert {"initial_accuracy", "final_accuracy", "samples_generated", "seconds"} <= set(s)
-        assert s["samples_generated"] == 128  # one round of 16 prompts x 8 answers, for both
+        assert s["samples_generated"] == 128  # one round of 128 answers (32 x 4 as tuned), for both
     assert (out / "demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "final acc" in proc.stdout
 

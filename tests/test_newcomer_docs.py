@@ -196,6 +196,8 @@ def test_readme_demo_table_is_docs_demo_summary():
         s = summary[algo.split()[0].lower()]
         lr, k = re.fullmatch(r"(\S+), (\d+) .*", lr_k).groups()
         assert (float(lr), int(k)) == (s["lr"], s["updates_per_round"]), algo
+        shape = re.search(r"(\d+) x (\d+)", algo)  # the round's shape, P x G, in the label
+        assert shape and tuple(map(int, shape.groups())) == (s["prompts_per_round"], s["samples_per_prompt"]), algo
         assert start == f"{100 * s['initial_accuracy']:.1f}%", algo
         assert final == f"{100 * s['final_accuracy']:.1f}%", algo
         reached = s["samples_to_threshold"]

@@ -7,8 +7,12 @@ and a PNG of test accuracy against answers generated (and against seconds).
 
 The default task is `mul`, where learning is gradual and the methods separate; `--task
 add` is the two-round habit flip of the addition task. Each algorithm's settings below
-were tuned on the validation split (`mul`: benchmarks/results/mul/tuning.json, learning
-rate and reuse K together; `add`: benchmarks/tune_demo.sh); the demo reports the test split.
+were tuned on the validation split (`mul`: ReVal and GRPO by the staged grid of
+benchmarks/replay_study.py, results/replay/grid.json, stage D: learning rate, reuse K, the
+shape P x G of a round of 128 answers and, for ReVal, the buffer and reference reset; TBRM
+by benchmarks/results/mul/tuning.json; `add`: benchmarks/tune_demo.sh); the demo reports
+the test split. Every algorithm generates the same 128 answers a round; the shape of the
+round is part of what was tuned.
 """
 
 from __future__ import annotations
@@ -29,10 +33,14 @@ from reval.train import train
 # Per task: the demo's length and, per algorithm, the settings that differ from TrainConfig's
 # defaults, tuned on the validation split.
 DEMOS: dict[str, dict] = {
-    "mul": {"rounds": 20, "eval_every": 2, "threshold": 0.6, "algos": {  # benchmarks/results/mul/tuning.json
-        "reval": {"buffer.updates_per_round": 8, "optim.lr": 1e-4},
+    "mul": {"rounds": 20, "eval_every": 2, "threshold": 0.6, "algos": {
+        # benchmarks/results/replay/grid.json, stage D (3 seeds, validation)
+        "reval": {"buffer.updates_per_round": 8, "optim.lr": 1e-4, "rollout.prompts_per_round": 32,
+                  "rollout.samples_per_prompt": 4, "buffer.capacity": 2560, "loss.ref_reset_every": 0},
+        "grpo": {"buffer.updates_per_round": 4, "optim.lr": 5e-5, "rollout.prompts_per_round": 32,
+                 "rollout.samples_per_prompt": 4},
+        # benchmarks/results/mul/tuning.json (TBRM is not in the staged grid)
         "tbrm": {"buffer.updates_per_round": 1, "optim.lr": 1e-4},
-        "grpo": {"buffer.updates_per_round": 2, "optim.lr": 1e-4},
     }},
     "add": {"rounds": 15, "eval_every": 1, "threshold": 0.9, "algos": {
         "reval": {"buffer.updates_per_round": 2, "optim.lr": 3e-4},
@@ -49,7 +57,7 @@ class DemoConfig:
     task: Literal["mul", "add"] = "mul"
     """Embedded task: mul (gradual, where methods separate) or add (a two-round habit flip)."""
     rounds: int | None = None
-    """Generation rounds per algorithm (each: 16 prompts x 8 answers); None: the task's demo length."""
+    """Generation rounds per algorithm (each: 128 answers, P x G as tuned); None: the task's demo length."""
     algos: tuple[str, ...] = ("reval", "grpo")
     """Algorithms to compare."""
     seed: int = 0
@@ -103,6 +111,8 @@ def run_demo(cfg: DemoConfig) -> dict:
             "task": cfg.task,
             "updates_per_round": tc.updates_per_round,
             "lr": tc.optim.lr,
+            "prompts_per_round": tc.rollout.prompts_per_round,
+            "samples_per_prompt": tc.rollout.samples_per_prompt,
             "initial_accuracy": evals[0]["eval/accuracy"],
             "final_accuracy": evals[-1]["eval/accuracy"],
             "samples_generated": evals[-1]["samples"],
@@ -155,13 +165,17 @@ def print_table(summary: dict) -> None:
 
     table = Table(title="reval demo (test split, greedy accuracy)")
     threshold = next(iter(summary.values()))["threshold"]
-    for col in ("algorithm", "K", "lr", "start acc", "final acc", f"answers to {100 * threshold:.0f}%", "answers",
+    for col in ("algorithm", "K", "lr", "P x G", "start acc", "final acc", f"answers to {100 * threshold:.0f}%", "answers",
                 "seconds"):
         table.add_column(col, justify="right")
     for algo, s in summary.items():
         reached = s["samples_to_threshold"]
-        table.add_row(algo, str(s["updates_per_round"]), f"{s['lr']:g}", f"{100 * s['initial_accuracy']:.1f}%",
+        table.add_row(algo, str(s["updates_per_round"]), f"{s['lr']:g}",
+                      f"{s['prompts_per_round']} x {s['samples_per_prompt']}", f"{100 * s['initial_accuracy']:.1f}%",
                       f"{100 * s['final_accuracy']:.1f}%",
                       "never" if reached is None else str(reached), str(s["samples_generated"]),
                       f"{s['seconds']:.0f}")
-    Console().print(table)
+    console = Console()
+    if not console.is_terminal:  # a log file or a pipe: no terminal width to fit, keep the headers whole
+        console = Console(width=120)
+    console.print(table)
