@@ -36,7 +36,7 @@ DEMOS: dict[str, dict] = {
     "mul": {"rounds": 20, "eval_every": 2, "threshold": 0.6, "algos": {
         # benchmarks/results/replay/grid.json, stage D (3 seeds, validation)
         "reval": {"buffer.updates_per_round": 8, "optim.lr": 1e-4, "rollout.prompts_per_round": 32,
-                  "rollout.samples_per_prompt": 4, "buffer.capacity": 2560, "loss.ref_reset_every": 0},
+                  "rollout.samples_per_prompt": 4, "buffer.capacity": 2560},  # no reference reset: the default
         "grpo": {"buffer.updates_per_round": 4, "optim.lr": 5e-5, "rollout.prompts_per_round": 32,
                  "rollout.samples_per_prompt": 4},
         # benchmarks/results/mul/tuning.json (TBRM is not in the staged grid)
@@ -165,8 +165,8 @@ def print_table(summary: dict) -> None:
 
     table = Table(title="reval demo (test split, greedy accuracy)")
     threshold = next(iter(summary.values()))["threshold"]
-    for col in ("algorithm", "K", "lr", "P x G", "start acc", "final acc", f"answers to {100 * threshold:.0f}%", "answers",
-                "seconds"):
+    for col in ("algorithm", "K", "lr", "P x G", "start acc", "final acc", f"answers to {100 * threshold:.0f}%",
+                "answers", "seconds"):
         table.add_column(col, justify="right")
     for algo, s in summary.items():
         reached = s["samples_to_threshold"]
