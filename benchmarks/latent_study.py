@@ -3,6 +3,7 @@
     python benchmarks/latent_study.py build     # the latent-action model from the shipped warm start
     python benchmarks/latent_study.py tune      # lr per method and action space, validation, seed 0
     python benchmarks/latent_study.py run       # the winners, 3 seeds, test split, with the final measures
+    python benchmarks/latent_study.py start     # the run stage's measures on the two models RL starts from
     python benchmarks/latent_study.py dirty     # BWArea's dirty-data claim: 4 pretrainings from scratch
     python benchmarks/latent_study.py report    # summary.json / summary.md from the raw results
     python benchmarks/latent_study.py all --quick   # every stage at smoke-test size, runs/latent-quick
@@ -20,6 +21,8 @@ run    each of the 4 winners on seeds 0, 1, 2, the test split (200 problems afte
        budget; then on the final model: diversity (distinct answers among 8 sampled per problem, 50 test
        problems) and the held capability (greedy accuracy on 100 `add` validation problems, as the issue
        asks; the `mul` warm start solves 0 of them (measured), so this can show a gain, not a loss).
+start  diversity and held `add` accuracy of the two starting models (the token warm start, the latent
+       model `build` wrote), measured as `run` measures its final models: what RL changed.
 dirty  seed 0, from a fresh tiny Qwen2 each: the plain LM on clean and on 20%-corrupted solutions
        (750 steps of the warm start's recipe), and the latent-action model on each (750 world-model
        steps, then 750 policy steps); greedy accuracy and mean@8 on 500 validation problems. Two at a
@@ -42,10 +45,10 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import MISSING, asdict, fields
 from pathlib import Path
-from statistics import mean
+from statistics import mean, median
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench import RESULTS, RunSpec, launch, make_spec  # noqa: E402
+from bench import RESULTS, RunSpec, final_measures, launch, make_spec  # noqa: E402
 from offline_common import study_args  # noqa: E402
 
 
@@ -136,6 +139,16 @@ def run(out: Path, workers: int, fresh: bool, quick: bool) -> list[dict]:
     return launch(_specs(out, "run", rows, quick, "test", 200, 1, MEASURES), workers, fresh)
 
 
+def start(out: Path) -> dict:
+    """`run`'s final measures (diversity, held `add`) on the models RL starts from; start.json."""
+    from reval.model import default_model_path
+
+    res = {space: final_measures(path, MEASURES, "mul", "test")
+           for space, path in (("token", default_model_path("mul")), ("latent", latent_dir(out)))}
+    (out / "start.json").write_text(json.dumps(res, indent=2) + "\n")
+    return res
+
+
 DIRTY_STEPS = 750  # each pretraining stage (the docstring says why not 1,500)
 DIRTY = {  # name: (latent codes, corrupt share)
     "lm_clean": (0, 0.0), "lm_dirty": (0, 0.2), "latent_clean": (64, 0.0), "latent_dirty": (64, 0.2)}
@@ -175,28 +188,52 @@ def report(out: Path) -> dict:
         m = summary["methods"].setdefault(spec["label"], {"lr": spec["lr"], "k": spec["k"], "per_seed": {}})
         curve = res["curve"]
         m["per_seed"][str(spec["seed"])] = {
-            "final_accuracy": curve[-1]["accuracy"], "mean_accuracy": score(res),
+            "start": curve[0]["accuracy"], "final_accuracy": curve[-1]["accuracy"], "mean_accuracy": score(res),
             "answers": curve[-1]["samples"], "seconds": curve[-1]["seconds"],
             "accuracy_per_1k_answers": round(1000 * (curve[-1]["accuracy"] - curve[0]["accuracy"])
                                              / max(curve[-1]["samples"], 1), 4),
             "accuracy_per_minute": round(60 * (curve[-1]["accuracy"] - curve[0]["accuracy"])
                                          / max(curve[-1]["seconds"], 1e-9), 4),
             **{k: res[k] for k in MEASURES if k in res}}
-    for name in ("tuning.json", "dirty.json", "pretrain-latent.json"):
+    for name in ("tuning.json", "dirty.json", "pretrain-latent.json", "start.json"):
         if (out / name).exists():
             summary[name.removesuffix(".json").replace("-", "_")] = json.loads((out / name).read_text())
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / "summary.md").write_text(markdown(summary))
     return summary
 
 
+COLUMNS = (("start", "start acc %", 100), ("final_accuracy", "final acc %", 100),
+           ("mean_accuracy", "mean acc % (rounds 1-24)", 100), ("seconds", "train s", 1),
+           ("accuracy_per_1k_answers", "gain per 1k answers (pts)", 100),
+           ("accuracy_per_minute", "gain per train min (pts)", 100), ("diversity", "distinct of 8", 1),
+           ("held_add", "held add %", 100))
+
+
+def markdown(summary: dict) -> str:
+    """One row per method and action space: the median over seeds, [min, max]."""
+    lines = ["| method | lr | " + " | ".join(c[1] for c in COLUMNS) + " |", "|---" * (len(COLUMNS) + 2) + "|"]
+    for label, m in summary["methods"].items():
+        cells = []
+        for key, _, scale in COLUMNS:
+            vals = sorted(scale * s[key] for s in m["per_seed"].values() if key in s)
+            cells.append(f"{median(vals):.3g} [{vals[0]:.3g}, {vals[-1]:.3g}]" if vals else "-")
+        lines.append(f"| {label} | {m['lr']:g} | " + " | ".join(cells) + " |")
+    seeds = ", ".join(str(s) for s in summary["seeds"])
+    return (f"# Latent study: {summary['split']} split, seeds {seeds}; median [min, max] over seeds\n\n"
+            + "\n".join(lines) + "\n")
+
+
 def main() -> None:
-    args, out, _ = study_args(__doc__, "latent", OUT, ("build", "tune", "run", "dirty", "report", "all"))
+    args, out, _ = study_args(__doc__, "latent", OUT, ("build", "tune", "run", "start", "dirty", "report", "all"))
     if args.stage in ("build", "all"):
         build(out, args.quick)
     if args.stage in ("tune", "all"):
         tune(out, args.workers, args.fresh, args.quick)
     if args.stage in ("run", "all"):
         run(out, args.workers, args.fresh, args.quick)
+    if args.stage in ("start", "all"):
+        start(out)
     if args.stage in ("dirty", "all"):
         dirty(out, args.quick, args.workers)
     if args.stage in ("report", "all"):
