@@ -190,6 +190,8 @@ def report(out: Path) -> dict:
         m["per_seed"][str(spec["seed"])] = {
             "start": curve[0]["accuracy"], "final_accuracy": curve[-1]["accuracy"], "mean_accuracy": score(res),
             "answers": curve[-1]["samples"], "seconds": curve[-1]["seconds"],
+            "cpu_seconds": round(res["cpu_seconds"], 1), "generate_seconds": round(res["generate_seconds"], 1),
+            "update_seconds": round(res["update_seconds"], 1),
             "accuracy_per_1k_answers": round(1000 * (curve[-1]["accuracy"] - curve[0]["accuracy"])
                                              / max(curve[-1]["samples"], 1), 4),
             "accuracy_per_minute": round(60 * (curve[-1]["accuracy"] - curve[0]["accuracy"])
@@ -204,7 +206,8 @@ def report(out: Path) -> dict:
 
 
 COLUMNS = (("start", "start acc %", 100), ("final_accuracy", "final acc %", 100),
-           ("mean_accuracy", "mean acc % (rounds 1-24)", 100), ("seconds", "train s", 1),
+           ("mean_accuracy", "mean acc % (rounds 1-24)", 100), ("seconds", "train s (wall)", 1),
+           ("cpu_seconds", "process CPU s", 1),
            ("accuracy_per_1k_answers", "gain per 1k answers (pts)", 100),
            ("accuracy_per_minute", "gain per train min (pts)", 100), ("diversity", "distinct of 8", 1),
            ("held_add", "held add %", 100))
