@@ -240,7 +240,7 @@ def test_latent_study_tunes_each_space_alike_and_runs_the_winners_with_their_mea
             res = {"curve": [{"accuracy": 0.3, "samples": 0, "seconds": 0.0},
                              {"accuracy": acc, "samples": 3072, "seconds": 600.0}],
                    "spec": {"label": s.label, "lr": s.lr, "k": s.k, "seed": s.seed}, "diversity": 2.0 + s.seed,
-                   "held_add": 0.0}
+                   "held_add": 0.0, "cpu_seconds": 700.0 + s.seed, "generate_seconds": 100.0, "update_seconds": 400.0}
             Path(s.result).parent.mkdir(parents=True, exist_ok=True)
             Path(s.result).write_text(json.dumps(res))
             out.append(res)
@@ -262,6 +262,10 @@ def test_latent_study_tunes_each_space_alike_and_runs_the_winners_with_their_mea
     seeds = summary["methods"]["latent_reval"]["per_seed"]
     assert set(seeds) == {"0", "1", "2"} and seeds["2"]["diversity"] == 4.0
     assert seeds["0"]["accuracy_per_1k_answers"] == round(1000 * 0.2 / 3072, 4)
+    table = (tmp_path / "summary.md").read_text().splitlines()
+    row = next(line for line in table if line.startswith("| latent_reval |"))
+    assert "| 3 [2, 4] |" in row and "| 701 [700, 702] |" in row  # distinct of 8, CPU s: median [min, max]
+    assert sum(line.startswith("| token_") or line.startswith("| latent_") for line in table) == 4
 
 
 def test_latent_study_reuses_only_an_identical_finished_run(tmp_path):
