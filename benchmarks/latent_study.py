@@ -5,6 +5,7 @@
     python benchmarks/latent_study.py run       # the winners, 3 seeds, test split, with the final measures
     python benchmarks/latent_study.py start     # the run stage's measures on the two models RL starts from
     python benchmarks/latent_study.py dirty     # BWArea's dirty-data claim: 4 pretrainings from scratch
+    python benchmarks/latent_study.py edge      # the tune stage at lr 5e-5: is the low edge of the grid a limit?
     python benchmarks/latent_study.py report    # summary.json / summary.md from the raw results
     python benchmarks/latent_study.py all --quick   # every stage at smoke-test size, runs/latent-quick
 
@@ -30,6 +31,9 @@ dirty  seed 0, from a fresh tiny Qwen2 each: the plain LM on clean and on 20%-co
        any of it ran, because a latent model from scratch measured about 2.5 CPU-s per world-model plus
        policy step here: 1,500 would take over an hour each. The clean LM is therefore retrained at
        750 steps, not the shipped warm start.)
+edge   (added after the run stage, when every winner was at the grid's lowest lr) the tune stage's four
+       settings at lr 5e-5, seed 0, validation, scored alike; reported beside the grid, the winners and
+       the run stage stay as they are.
 
 Results: benchmarks/results/latent/ (raw/ per run, summary.json: one value per seed for every method and
 measure). Runs are bench.py's (`bench.launch`: a child process each, two at a time on one thread each, a
@@ -132,6 +136,21 @@ def tune(out: Path, workers: int, fresh: bool, quick: bool) -> dict:
     return winners
 
 
+EDGE_LR = 5e-5
+
+
+def edge(out: Path, workers: int, fresh: bool, quick: bool) -> dict:
+    """The tune stage at EDGE_LR; edge.json: each setting's score there against its winner's."""
+    winners = json.loads((out / "tuning.json").read_text())["winners"]
+    rows = [(m, sp, 0, EDGE_LR) for m in K for sp in SPACES]
+    specs = _specs(out, "edge", rows, quick, "validation", 100, 2)
+    results = launch(specs, workers, fresh)
+    res = {spec.label: {"lr": EDGE_LR, "score": score(r), "winner_lr": winners[spec.label]["lr"],
+                        "winner_score": winners[spec.label]["score"]} for spec, r in zip(specs, results)}
+    (out / "edge.json").write_text(json.dumps(res, indent=2) + "\n")
+    return res
+
+
 def run(out: Path, workers: int, fresh: bool, quick: bool) -> list[dict]:
     winners = json.loads((out / "tuning.json").read_text())["winners"]
     rows = [(label.split("_", 1)[1], label.split("_", 1)[0], seed, w["lr"])
@@ -197,7 +216,7 @@ def report(out: Path) -> dict:
             "accuracy_per_minute": round(60 * (curve[-1]["accuracy"] - curve[0]["accuracy"])
                                          / max(curve[-1]["seconds"], 1e-9), 4),
             **{k: res[k] for k in MEASURES if k in res}}
-    for name in ("tuning.json", "dirty.json", "pretrain-latent.json", "start.json"):
+    for name in ("tuning.json", "edge.json", "dirty.json", "pretrain-latent.json", "start.json"):
         if (out / name).exists():
             summary[name.removesuffix(".json").replace("-", "_")] = json.loads((out / name).read_text())
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -228,7 +247,8 @@ def markdown(summary: dict) -> str:
 
 
 def main() -> None:
-    args, out, _ = study_args(__doc__, "latent", OUT, ("build", "tune", "run", "start", "dirty", "report", "all"))
+    stages = ("build", "tune", "run", "start", "edge", "dirty", "report", "all")
+    args, out, _ = study_args(__doc__, "latent", OUT, stages)
     if args.stage in ("build", "all"):
         build(out, args.quick)
     if args.stage in ("tune", "all"):
@@ -237,6 +257,8 @@ def main() -> None:
         run(out, args.workers, args.fresh, args.quick)
     if args.stage in ("start", "all"):
         start(out)
+    if args.stage in ("edge", "all"):
+        edge(out, args.workers, args.fresh, args.quick)
     if args.stage in ("dirty", "all"):
         dirty(out, args.quick, args.workers)
     if args.stage in ("report", "all"):

@@ -258,7 +258,12 @@ def test_latent_study_tunes_each_space_alike_and_runs_the_winners_with_their_mea
     ls.run(tmp_path, 2, False, False)
     assert len(calls) == 4 * 3 and {s.split for s in calls} == {"test"}
     assert all(s.lr == best[s.label] and set(s.measures) == {"diversity", "held_add"} for s in calls)
+    calls.clear()
+    probe = ls.edge(tmp_path, 2, False, False)  # the grid's low edge, probed alike; the winners stay
+    assert len(calls) == 4 and {(s.split, s.lr, s.seed) for s in calls} == {("validation", 5e-5, 0)}
+    assert probe["token_grpo"]["score"] == round(0.5 - abs(5e-5 - 1e-4), 4) and probe["token_grpo"]["winner_lr"] == 1e-4
     summary = ls.report(tmp_path)
+    assert summary["edge"] == probe
     seeds = summary["methods"]["latent_reval"]["per_seed"]
     assert set(seeds) == {"0", "1", "2"} and seeds["2"]["diversity"] == 4.0
     assert seeds["0"]["accuracy_per_1k_answers"] == round(1000 * 0.2 / 3072, 4)
