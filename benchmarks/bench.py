@@ -330,14 +330,21 @@ def run_trl(spec: RunSpec) -> dict:
             "update_seconds": train_seconds - timing["generate"]}
 
 
+def worker_env(workers: int) -> dict:
+    """The environment of a child process when `workers` run at once: one thread each on the two
+    cores, no oversubscription."""
+    env = dict(os.environ)
+    if workers > 1:
+        env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    return env
+
+
 def launch(specs: list[RunSpec], workers: int = 1, fresh: bool = False) -> list[dict]:
     """Run each spec in its own process, `workers` at a time; results in spec order.
 
     A spec whose result file exists is not run again (unless `fresh`), so a stage that was
     interrupted continues where it stopped."""
-    env = dict(os.environ)
-    if workers > 1:  # two processes on two cores: one thread each, no oversubscription
-        env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    env = worker_env(workers)
 
     def one(spec: RunSpec) -> None:
         if Path(spec.result).exists() and not fresh:

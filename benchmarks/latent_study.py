@@ -43,7 +43,6 @@ run whose result file exists is skipped).
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -52,9 +51,10 @@ from pathlib import Path
 from statistics import mean, median
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench import RESULTS, RunSpec, final_measures, launch, make_spec  # noqa: E402
+from bench import RESULTS, RunSpec, final_measures, launch, make_spec, worker_env  # noqa: E402
 from offline_common import study_args  # noqa: E402
 
+from reval.model import default_model_path  # noqa: E402
 
 OUT = RESULTS / "latent"
 LRS = (1e-4, 3e-4, 1e-3)
@@ -93,6 +93,13 @@ def _specs(out: Path, study: str, rows, quick: bool, split: str, num_eval: int, 
             for method, space, seed, lr in rows]
 
 
+def _sweep(out: Path, study: str, lrs, quick: bool):
+    """Every method in every space at each of `lrs`, seed 0, scored on 100 validation problems every
+    2 rounds (the tune stage, and the edge probe beside it)."""
+    rows = [(m, sp, 0, lr) for m in K for sp in SPACES for lr in lrs]
+    return _specs(out, study, rows, quick, "validation", 100, 2)
+
+
 def score(result: dict) -> float:
     return round(mean(p["accuracy"] for p in result["curve"][1:]), 4)
 
@@ -121,8 +128,7 @@ def reuse_identical(specs, done: Path) -> list[str]:
 
 
 def tune(out: Path, workers: int, fresh: bool, quick: bool) -> dict:
-    rows = [(m, sp, 0, lr) for m in K for sp in SPACES for lr in (LRS[1:2] if quick else LRS)]
-    specs = _specs(out, "tune", rows, quick, "validation", 100, 2)
+    specs = _sweep(out, "tune", LRS[1:2] if quick else LRS, quick)
     if not fresh:  # token runs at lr 1e-4 and 3e-4 are the replay study's grid (stage A) exactly
         for path in reuse_identical(specs, RESULTS / "replay" / "raw"):
             print(f"{path}: the identical run of the replay study, reused")
@@ -142,8 +148,7 @@ EDGE_LR = 5e-5
 def edge(out: Path, workers: int, fresh: bool, quick: bool) -> dict:
     """The tune stage at EDGE_LR; edge.json: each setting's score there against its winner's."""
     winners = json.loads((out / "tuning.json").read_text())["winners"]
-    rows = [(m, sp, 0, EDGE_LR) for m in K for sp in SPACES]
-    specs = _specs(out, "edge", rows, quick, "validation", 100, 2)
+    specs = _sweep(out, "edge", (EDGE_LR,), quick)
     results = launch(specs, workers, fresh)
     res = {spec.label: {"lr": EDGE_LR, "score": score(r), "winner_lr": winners[spec.label]["lr"],
                         "winner_score": winners[spec.label]["score"]} for spec, r in zip(specs, results)}
@@ -160,8 +165,6 @@ def run(out: Path, workers: int, fresh: bool, quick: bool) -> list[dict]:
 
 def start(out: Path) -> dict:
     """`run`'s final measures (diversity, held `add`) on the models RL starts from; start.json."""
-    from reval.model import default_model_path
-
     res = {space: final_measures(path, MEASURES, "mul", "test")
            for space, path in (("token", default_model_path("mul")), ("latent", latent_dir(out)))}
     (out / "start.json").write_text(json.dumps(res, indent=2) + "\n")
@@ -177,7 +180,7 @@ def dirty(out: Path, quick: bool, workers: int = 2) -> dict:
     """Four pretrainings from scratch, seed 0, `workers` at a time; each one's pretrain.json
     (a pretraining whose pretrain.json exists is skipped)."""
     steps = "4" if quick else str(DIRTY_STEPS)
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1") if workers > 1 else None
+    env = worker_env(workers)
 
     def one(name: str) -> dict:
         codes, share = DIRTY[name]

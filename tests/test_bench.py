@@ -240,7 +240,8 @@ def test_latent_study_tunes_each_space_alike_and_runs_the_winners_with_their_mea
             res = {"curve": [{"accuracy": 0.3, "samples": 0, "seconds": 0.0},
                              {"accuracy": acc, "samples": 3072, "seconds": 600.0}],
                    "spec": {"label": s.label, "lr": s.lr, "k": s.k, "seed": s.seed}, "diversity": 2.0 + s.seed,
-                   "held_add": 0.0, "cpu_seconds": 700.0 + s.seed, "generate_seconds": 100.0, "update_seconds": 400.0}
+                   "held_add": 0.0, "cpu_seconds": 700.0 + s.seed, "generate_seconds": 100.0,
+                   "update_seconds": 400.0}
             Path(s.result).parent.mkdir(parents=True, exist_ok=True)
             Path(s.result).write_text(json.dumps(res))
             out.append(res)
@@ -261,7 +262,8 @@ def test_latent_study_tunes_each_space_alike_and_runs_the_winners_with_their_mea
     calls.clear()
     probe = ls.edge(tmp_path, 2, False, False)  # the grid's low edge, probed alike; the winners stay
     assert len(calls) == 4 and {(s.split, s.lr, s.seed) for s in calls} == {("validation", 5e-5, 0)}
-    assert probe["token_grpo"]["score"] == round(0.5 - abs(5e-5 - 1e-4), 4) and probe["token_grpo"]["winner_lr"] == 1e-4
+    assert probe["token_grpo"]["score"] == round(0.5 - abs(5e-5 - 1e-4), 4)
+    assert probe["token_grpo"]["winner_lr"] == 1e-4
     summary = ls.report(tmp_path)
     assert summary["edge"] == probe
     seeds = summary["methods"]["latent_reval"]["per_seed"]
